@@ -1,0 +1,1 @@
+"""The training application: config, backbones, sharded classifier, trainer, tools (DESIGN.md 2)."""

@@ -1,0 +1,203 @@
+"""The class-sharded classifier: rank r holds rows `class_range(C, r, P)` of W and their
+optimizer state, computes its part of the loss, and updates only the rows that took part.
+
+Legend: b = this rank's samples, N = global batch, D = embedding dim, c = local classes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpi import collectives
+from mpi.autograd import gather_rows
+from mpi.partition import class_range
+from app.softmax import (ShardColumns, apply_margin, class_logits, full_columns,
+                         sampled_columns, sharded_cross_entropy)
+
+# Rows are initialised in fixed blocks keyed by (seed, block), so a row's initial value does not
+# depend on how many ranks share the classes (a 1-rank and a 4-rank run start identically).
+_INIT_BLOCK = 8192
+
+
+def init_rows(seed: int, start: int, stop: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Initial weight rows [start, stop): N(0, 1/D), independent of the partition."""
+    out = np.empty((stop - start, dim), dtype=np.float64)
+    for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1 if stop > start else 0):
+        lo, hi = block * _INIT_BLOCK, (block + 1) * _INIT_BLOCK
+        rows = np.random.default_rng([seed, 0xC1A55, block]).standard_normal((_INIT_BLOCK, dim))
+        a, z = max(lo, start), min(hi, stop)
+        out[a - start:z - start] = rows[a - lo:z - lo]
+    return torch.from_numpy(out / math.sqrt(dim)).to(dtype)
+
+
+class RowSGD:
+    """SGD with momentum for the classifier shard that touches only the rows given to `step`.
+
+    "Lazy" update: a row that received no gradient this step keeps its weight AND its momentum
+    unchanged (no momentum drift, no weight decay), as in sparse-embedding optimizers. For rows
+    that did, the update is PyTorch's SGD exactly: g = grad + wd * w; m = mu * m + g;
+    w -= lr * m. When every row takes part (mode `full`) this is dense momentum SGD.
+    """
+
+    def __init__(self, weight_cD: torch.Tensor, momentum: float, weight_decay: float):
+        self.weight_cD = weight_cD
+        self.momentum_cD = torch.zeros_like(weight_cD)
+        self.mu, self.wd = momentum, weight_decay
+
+    @torch.no_grad()
+    def step(self, rows_r: torch.Tensor | None, grad_rD: torch.Tensor, lr: float) -> None:
+        if rows_r is None:  # every row: in place, no gathers
+            grad_rD = grad_rD.add(self.weight_cD, alpha=self.wd) if self.wd else grad_rD
+            self.momentum_cD.mul_(self.mu).add_(grad_rD)
+            self.weight_cD.add_(self.momentum_cD, alpha=-lr)
+            return
+        weight_rD = self.weight_cD[rows_r]
+        g_rD = grad_rD + self.wd * weight_rD if self.wd else grad_rD
+        m_rD = self.momentum_cD[rows_r].mul_(self.mu).add_(g_rD)
+        self.momentum_cD[rows_r] = m_rD
+        self.weight_cD[rows_r] = weight_rD - lr * m_rD
+
+
+class ShardedClassifier:
+    """Rows [start, stop) of the C x D classifier and their optimizer, on this rank.
+
+    Distributed contract of `loss`: every rank passes its own features and labels (all ranks the
+    same batch size); the returned loss is the mean over the GLOBAL batch, identical on every
+    rank; after `loss.backward()` the feature gradient on each rank is the full gradient of that
+    global mean w.r.t. its own features, and `step()` applies this shard's row gradients.
+    """
+
+    def __init__(self, world, num_classes: int, dim: int, softmax_cfg, optim_cfg, seed: int,
+                 dtype: torch.dtype = torch.float32):
+        self.world, self.cfg = world, softmax_cfg
+        self.num_classes, self.dim, self.seed = num_classes, dim, seed
+        self.start, self.stop = class_range(num_classes, world.rank, world.size)
+        self.weight_cD = init_rows(seed, self.start, self.stop, dim, dtype)
+        self.optimizer = RowSGD(self.weight_cD, optim_cfg.classifier_momentum,
+                                optim_cfg.classifier_weight_decay)
+        self._pending: tuple[ShardColumns, torch.Tensor] | None = None
+
+    @property
+    def num_local(self) -> int:
+        return self.stop - self.start
+
+    def columns(self, labels_N: torch.Tensor, step: int) -> ShardColumns:
+        if self.cfg.mode == "sampled":
+            gen = torch.Generator().manual_seed(
+                int(np.random.default_rng([self.seed, step, self.world.rank]).integers(2**62)))
+            return sampled_columns(labels_N, self.start, self.stop, self.cfg.sample_rate, gen)
+        return full_columns(labels_N, self.start, self.stop)
+
+    def loss(self, feat_bD: torch.Tensor, labels_b: torch.Tensor, step: int) -> torch.Tensor:
+        """Global-batch mean cross-entropy (modes `full` and `sampled`); see the class docstring."""
+        sizes = [feat_bD.shape[0]] * self.world.size
+        labels_N = collectives.allgather(self.world, labels_b, sizes)
+        feat_ND = gather_rows(self.world, feat_bD, sizes)
+        cols = self.columns(labels_N, step)
+        # A leaf for this step's rows: its .grad holds exactly the row gradients to apply, so
+        # nothing of the shard's size is allocated for rows that did not take part.
+        if cols.rows_c is None:
+            weight_leaf = self.weight_cD.detach().requires_grad_()
+        else:
+            weight_leaf = self.weight_cD[cols.rows_c].requires_grad_()
+        sim_Nc = class_logits(feat_ND, weight_leaf, self.cfg.logit)
+        logits_Nc = apply_margin(sim_Nc, cols.target_N, self.cfg.logit, self.cfg.scale,
+                                 self.cfg.margin, self.cfg.margin_type)
+        loss_N = sharded_cross_entropy(self.world, logits_Nc, cols.target_N)
+        self._pending = (cols, weight_leaf)
+        return loss_N.mean()
+
+    def row_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global class ids, their gradient rows) produced by the last backward; for tests and
+        diagnostics. Rows that did not take part are absent."""
+        assert self._pending is not None and self._pending[1].grad is not None
+        cols, weight_leaf = self._pending
+        local = torch.arange(self.num_local) if cols.rows_c is None else cols.rows_c
+        return local + self.start, weight_leaf.grad
+
+    def step(self, lr: float) -> int:
+        """Apply this step's row gradients (after backward). Returns the number of rows touched."""
+        assert self._pending is not None, "step() without loss()"
+        cols, weight_leaf = self._pending
+        self._pending = None
+        self.optimizer.step(cols.rows_c, weight_leaf.grad, lr)
+        return self.num_local if cols.rows_c is None else int(cols.rows_c.numel())
+
+    @torch.no_grad()
+    def topk(self, feat_bD: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k classes over ALL C classes for each of this rank's features (any batch size per
+        rank, including 0). Each rank scores the gathered features against its rows and keeps its
+        local top-k; the candidates (k per rank per sample) are gathered and merged. Returns
+        (scores_bk, class_ids_bk) for this rank's samples."""
+        sizes = [int(n) for n in collectives.allgather_object(self.world, feat_bD.shape[0])]
+        feat_ND = collectives.allgather(self.world, feat_bD, sizes)
+        num_rows = feat_ND.shape[0]
+        kk = min(k, self.num_local)
+        sim_Nc = class_logits(feat_ND, self.weight_cD, self.cfg.logit)
+        vals_Nk = torch.full((num_rows, k), -math.inf, dtype=sim_Nc.dtype)
+        ids_Nk = torch.full((num_rows, k), -1, dtype=torch.int64)
+        if kk > 0:
+            top = torch.topk(sim_Nc, kk, dim=1)
+            vals_Nk[:, :kk], ids_Nk[:, :kk] = top.values, top.indices + self.start
+        # Candidates of every rank for every sample: (P, N, k) -> per sample P*k candidates.
+        all_vals = collectives.allgather(self.world, vals_Nk.unsqueeze(0), [1] * self.world.size)
+        all_ids = collectives.allgather(self.world, ids_Nk.unsqueeze(0), [1] * self.world.size)
+        vals_NPk = all_vals.permute(1, 0, 2).reshape(num_rows, -1)
+        ids_NPk = all_ids.permute(1, 0, 2).reshape(num_rows, -1)
+        best = torch.topk(vals_NPk, min(k, self.num_classes), dim=1)
+        ids_Nk = torch.gather(ids_NPk, 1, best.indices)
+        # This rank's samples are its slice of the gathered rows.
+        lo = sum(sizes[:self.world.rank])
+        return best.values[lo:lo + feat_bD.shape[0]], ids_Nk[lo:lo + feat_bD.shape[0]]
+
+    # -- checkpointing: rows are stored by GLOBAL class range, so any world size can load them.
+
+    def save(self, directory: Path) -> dict:
+        """Write this shard's rows and momentum to `directory/classifier/rows-START-STOP.h5`
+        (atomically). Returns the manifest entry {start, stop, file}."""
+        import h5py  # noqa: PLC0415
+
+        rel = f"classifier/rows-{self.start:010d}-{self.stop:010d}.h5"
+        path = Path(directory) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".h5.tmp")
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("weight", data=self.weight_cD.numpy())
+            f.create_dataset("momentum", data=self.optimizer.momentum_cD.numpy())
+            f.attrs.update(start=self.start, stop=self.stop, num_classes=self.num_classes,
+                           dim=self.dim)
+        os.replace(tmp, path)
+        return {"start": self.start, "stop": self.stop, "file": rel}
+
+    def load(self, directory: Path, entries: list[dict]) -> None:
+        """Fill this rank's rows from the saved ranges that overlap them (any old world size);
+        values are copied bit for bit."""
+        import h5py  # noqa: PLC0415
+
+        filled = 0
+        for entry in entries:
+            lo, hi = max(entry["start"], self.start), min(entry["stop"], self.stop)
+            if lo >= hi:
+                continue
+            path = Path(directory) / entry["file"]
+            try:
+                with h5py.File(path, "r") as f:
+                    if f["weight"].shape[1] != self.dim:
+                        raise ValueError(f"{path}: classifier rows have dimension "
+                                         f"{f['weight'].shape[1]}, the config asks for "
+                                         f"model.embedding_dim={self.dim}")
+                    src = slice(lo - entry["start"], hi - entry["start"])
+                    dst = slice(lo - self.start, hi - self.start)
+                    self.weight_cD[dst] = torch.from_numpy(f["weight"][src])
+                    self.optimizer.momentum_cD[dst] = torch.from_numpy(f["momentum"][src])
+            except (OSError, KeyError) as exc:
+                raise ValueError(f"{path}: cannot read classifier rows ({exc}); the checkpoint "
+                                 f"is damaged, resume from an older one") from exc
+            filled += hi - lo
+        if filled != self.num_local:
+            raise ValueError(f"{directory}: checkpoint covers {filled} of this rank's "
+                             f"{self.num_local} classes [{self.start}, {self.stop})")

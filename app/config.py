@@ -1,0 +1,429 @@
+"""Typed run configuration: one frozen dataclass per component, loaded once and never mutated.
+
+`load_config(path, overrides)` merges, in this order, the defaults below, a YAML file and dotted
+`--set key=value` overrides, validates everything once and returns a `Config`. Every problem is
+a `ValueError` with one line naming the key (or file), the offending value and what is allowed.
+Each component is handed only its own section (`build_backbone(cfg.model, ...)`), so sections
+do not refer to each other; numbers derived from several sections (global batch, classes per
+rank, pairs per step) belong in the run plan, not here.
+
+The key names are contracts (DESIGN.md section 4): extend them, never rename them.
+
+Config files are plain YAML mappings that mirror the dataclasses:
+
+    train:
+      steps: 600
+      batch_size: 128
+    softmax: {mode: knn, k: 64}
+
+Values may use OmegaConf interpolation (`out_dir: runs/${softmax.mode}`); `Config` holds the
+resolved values, and `config_to_yaml` writes them resolved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{key}: {value!r} out of range, must be {allowed}")
+
+
+def _check_not_empty(key: str, value: str) -> None:
+    if not value:
+        raise ValueError(f"{key}: must not be empty")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}: {value!r} not one of {'|'.join(choices)}")
+
+
+def _check_at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:
+        _fail(key, value, f">= {low}")
+
+
+def _check_fraction(key: str, value: float, *, zero_ok: bool = False) -> None:
+    """value in (0, 1], or [0, 1] with zero_ok."""
+    if not ((0.0 <= value if zero_ok else 0.0 < value) and value <= 1.0):
+        _fail(key, value, f"in {'[' if zero_ok else '('}0, 1]")
+
+
+def _check_momentum(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        _fail(key, value, "in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the dataset lives and how it is fed.
+
+    path: a dataset directory as written by data_prep (dataset.json, train/ and val/ shards).
+    prefetch: batches read ahead of the step (0 = read synchronously).
+    augment: random crop (4-pixel zero padding) and horizontal flip of training images; ignored
+        for vector datasets and never applied to evaluation.
+    """
+
+    path: str = "data/demo"
+    prefetch: int = 2
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        _check_not_empty("data.path", self.path)
+        _check_at_least("data.prefetch", self.prefetch, 0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone (data parallel, replicated on every rank) that maps inputs to features.
+
+    backbone: `mlp` for vector datasets, `resnet` for image datasets (app/backbones.py).
+    embedding_dim: D, the feature size and the row size of the classifier weight.
+    mlp_hidden, mlp_layers: width and number of hidden Linear-BatchNorm-ReLU layers (0 = a single
+        linear projection).
+    resnet_blocks: basic blocks per stage; the stage count is its length.
+    resnet_width: channels of the first stage, doubled by every following stage.
+    """
+
+    backbone: str = "mlp"
+    embedding_dim: int = 128
+    mlp_hidden: int = 512
+    mlp_layers: int = 2
+    resnet_blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
+    resnet_width: int = 16
+
+    def __post_init__(self) -> None:
+        _check_choice("model.backbone", self.backbone, ("mlp", "resnet"))
+        _check_at_least("model.embedding_dim", self.embedding_dim, 1)
+        _check_at_least("model.mlp_hidden", self.mlp_hidden, 1)
+        _check_at_least("model.mlp_layers", self.mlp_layers, 0)
+        if not self.resnet_blocks or min(self.resnet_blocks) < 1:
+            _fail("model.resnet_blocks", self.resnet_blocks, "a non-empty list of counts >= 1")
+        _check_at_least("model.resnet_width", self.resnet_width, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop.
+
+    steps: optimizer steps of the whole run (a resumed run continues up to the same number).
+    batch_size: samples per RANK per step; the global batch is batch_size x world size.
+    log_every: steps between metrics lines (the only steps that synchronise with the host).
+    eval_every, checkpoint_every: steps between evaluations / checkpoints; 0 = only at the end.
+    eval_batch_size: samples per rank per evaluation batch.
+    eval_max_samples: cap on validation samples per evaluation; 0 = the whole val split.
+    keep_checkpoints: the newest checkpoints kept on disk; older ones are deleted.
+    crash_at_step: fault-injection hook for tests: raise at this step; -1 = off.
+    dtype: parameter and compute dtype (float64 for exact comparisons in tests).
+    """
+
+    steps: int = 1000
+    batch_size: int = 256
+    log_every: int = 20
+    eval_every: int = 0
+    eval_batch_size: int = 512
+    eval_max_samples: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    crash_at_step: int = -1
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "log_every", "eval_batch_size", "keep_checkpoints"):
+            _check_at_least(f"train.{key}", getattr(self, key), 1)
+        for key in ("eval_every", "eval_max_samples", "checkpoint_every"):
+            _check_at_least(f"train.{key}", getattr(self, key), 0)
+        _check_at_least("train.crash_at_step", self.crash_at_step, -1)
+        _check_choice("train.dtype", self.dtype, ("float32", "float64"))
+
+
+@dataclass(frozen=True)
+class SoftmaxConfig:
+    """The classifier's softmax over the sharded weight (DESIGN.md section 3).
+
+    mode: `full` (exact softmax over all C classes), `sampled` (positives plus uniform random
+        negatives per shard, as Partial FC), or `knn` (the label's K graph neighbours).
+    k: neighbours per label in knn mode, the label itself included (column 0).
+    random_negatives: extra uniform random classes per sample in knn mode.
+    sample_rate: share of each shard's classes kept as negatives in sampled mode.
+    logit: `cosine` (normalised features and weights) or `dot` (raw products, used as they are).
+    scale: multiplies cosine logits, which lie in [-1, 1]: it sets the softmax temperature.
+    margin, margin_type: margin on the positive cosine logit only: `cosface` subtracts it from
+        the cosine, `arcface` adds it to the angle. 0 = no margin; dot logits take none.
+    """
+
+    mode: str = "full"
+    k: int = 64
+    random_negatives: int = 0
+    sample_rate: float = 0.1
+    logit: str = "cosine"
+    scale: float = 30.0
+    margin: float = 0.0
+    margin_type: str = "cosface"
+
+    def __post_init__(self) -> None:
+        _check_choice("softmax.mode", self.mode, ("full", "sampled", "knn"))
+        _check_at_least("softmax.k", self.k, 1)
+        _check_at_least("softmax.random_negatives", self.random_negatives, 0)
+        _check_fraction("softmax.sample_rate", self.sample_rate)
+        _check_choice("softmax.logit", self.logit, ("cosine", "dot"))
+        if not self.scale > 0:
+            _fail("softmax.scale", self.scale, "> 0")
+        _check_at_least("softmax.margin", self.margin, 0.0)
+        _check_choice("softmax.margin_type", self.margin_type, ("cosface", "arcface"))
+        if self.margin > 0 and self.logit != "cosine":
+            raise ValueError(
+                f"softmax.margin: {self.margin!r} needs softmax.logit=cosine (margins act on the "
+                f"positive cosine), got {self.logit!r}"
+            )
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """The KNN graph over the class weights (knn softmax mode only).
+
+    refresh_every: steps between rebuilds of the graph as the weights move.
+    index: faiss index (`flat` exact, `ivf`, `hnsw`; `auto` picks by class count).
+    nprobe: IVF lists searched per query.
+    init: the graph before the first rebuild: from the classes' mean features (`centres`) or
+        from the random initial weights (`random`).
+    """
+
+    refresh_every: int = 100
+    index: str = "auto"
+    nprobe: int = 16
+    init: str = "centres"
+
+    def __post_init__(self) -> None:
+        _check_at_least("knn.refresh_every", self.refresh_every, 1)
+        _check_choice("knn.index", self.index, ("flat", "ivf", "hnsw", "auto"))
+        _check_at_least("knn.nprobe", self.nprobe, 1)
+        _check_choice("knn.init", self.init, ("centres", "random"))
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """Backbone-gradient communication.
+
+    gradients: `dense` (Horovod allreduce) or `sparse` (top-k with residual accumulation,
+        exchanged as (index, value) pairs).
+    sparse_ratio: share of gradient entries each rank sends per step in sparse mode.
+    overlap: overlap the communication of one micro-batch with the compute of the next.
+    """
+
+    gradients: str = "dense"
+    sparse_ratio: float = 0.01
+    overlap: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("comm.gradients", self.gradients, ("dense", "sparse"))
+        _check_fraction("comm.sparse_ratio", self.sparse_ratio)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizers: `name` for the backbone, SGD with momentum for the classifier shard.
+
+    lr is the learning rate for the GLOBAL batch as configured (batch_size x world size): there
+    is no hidden scaling by world size, so changing the number of ranks changes the global batch
+    and the lr must be changed explicitly.
+
+    name, lr, momentum, weight_decay, betas: the backbone optimizer (`sgd` uses momentum,
+        `adamw` uses betas; weight_decay is decoupled for adamw).
+    classifier_lr: lr of the classifier shard; None = the same as lr.
+    classifier_momentum, classifier_weight_decay: the classifier shard's SGD, which updates only
+        the weight rows a step touched.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    classifier_lr: float | None = None
+    classifier_momentum: float = 0.9
+    classifier_weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("sgd", "adamw"))
+        if not self.lr > 0:
+            _fail("optim.lr", self.lr, "> 0")
+        _check_momentum("optim.momentum", self.momentum)
+        _check_at_least("optim.weight_decay", self.weight_decay, 0.0)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("optim.betas", self.betas, "two numbers in [0, 1)")
+        if self.classifier_lr is not None and not self.classifier_lr > 0:
+            _fail("optim.classifier_lr", self.classifier_lr, "> 0 or null")
+        _check_momentum("optim.classifier_momentum", self.classifier_momentum)
+        _check_at_least("optim.classifier_weight_decay", self.classifier_weight_decay, 0.0)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule, a pure function of the step (app/schedule.py).
+
+    warmup_steps: linear warm-up to the base lr over these first steps (0 = none).
+    decay: after warm-up, `cosine` (to base lr x min_lr_ratio at train.steps), `step`
+        (x gamma at each milestone), or `constant`.
+    milestones: absolute steps, strictly increasing, for `step` decay.
+    """
+
+    warmup_steps: int = 0
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_at_least("schedule.warmup_steps", self.warmup_steps, 0)
+        _check_choice("schedule.decay", self.decay, ("cosine", "step", "constant"))
+        _check_fraction("schedule.min_lr_ratio", self.min_lr_ratio, zero_ok=True)
+        ms = self.milestones
+        if any(m < 0 for m in ms) or any(a >= b for a, b in zip(ms, ms[1:])):
+            _fail("schedule.milestones", ms, "strictly increasing steps >= 0")
+        _check_fraction("schedule.gamma", self.gamma)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run. seed drives every random stream; out_dir is the run directory."""
+
+    seed: int = 0
+    out_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    softmax: SoftmaxConfig = field(default_factory=SoftmaxConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        _check_at_least("seed", self.seed, 0)
+        _check_not_empty("out_dir", self.out_dir)
+
+
+def load_config(path: str | None, overrides: list[str]) -> Config:
+    """Defaults <- YAML file at `path` (None: none) <- `overrides` ("key=value", applied in order).
+
+    Override values are parsed as YAML (`train.steps=100`, `model.resnet_blocks=[2,2,2]`,
+    `optim.classifier_lr=null`). Raises ValueError (one line naming the key or file) for an
+    unknown key, a value of the wrong type or outside its range, an unreadable or malformed file,
+    or an override without '='.
+    """
+    conf = OmegaConf.structured(Config)
+    # Frozen dataclasses make every node read-only; the merge writes into this private copy
+    # and the frozen Config built at the end is what callers see.
+    sections = [name for name, tp in _field_types(Config).items() if dataclasses.is_dataclass(tp)]
+    for node in [conf, *(conf[name] for name in sections)]:
+        OmegaConf.set_readonly(node, None)
+    if path is not None:
+        for key, value in _read_yaml(path).items():
+            _assign(conf, str(key), value, path)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(
+                f"--set {item!r}: cannot parse the value as YAML ({_yaml_problem(e)})"
+            ) from None
+        _assign(conf, key.strip(), value, "--set")
+    try:
+        return OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:  # interpolations are only resolved here
+        first_line = str(e).split("\n")[0]
+        raise ValueError(f"{getattr(e, 'full_key', '') or 'config'}: {first_line}") from None
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, in field order; `load_config` reads it back unchanged."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def config_hash(cfg: Config) -> str:
+    """16 hex digits of the sha256 of `config_to_yaml(cfg)`, for checkpoint manifests."""
+    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"config file '{path}': cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file '{path}': invalid YAML ({_yaml_problem(e)})") from None
+    if data is None:  # an empty file changes nothing
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config file '{path}': expected a mapping of config keys, got {type(data).__name__}"
+        )
+    return data
+
+
+def _assign(conf: DictConfig, key: str, value: Any, source: str) -> None:
+    """Set dotted `key` (a leaf, or a section given a mapping) in `conf`, checking its type."""
+    target: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = _field_types(target) if dataclasses.is_dataclass(target) else {}
+        if part not in fields:
+            prefix = ".".join(parts[:i])
+            known = [f"{prefix}.{name}" if prefix else name for name in fields]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown config key '{key}' (from {source}){hint}")
+        target = fields[part]
+    if dataclasses.is_dataclass(target):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping of {key}.* keys, got {value!r}")
+        for sub_key, sub_value in value.items():
+            _assign(conf, f"{key}.{sub_key}", sub_value, source)
+        return
+    # OmegaConf turns any int or string like 'yes' into a bool; only YAML booleans are meant.
+    if target is bool and not isinstance(value, bool) and not _is_interpolation(value):
+        raise ValueError(f"{key}: expected {_type_name(target)}, got {value!r}")
+    try:
+        OmegaConf.update(conf, key, value, merge=False)
+    except ValidationError:
+        raise ValueError(f"{key}: expected {_type_name(target)}, got {value!r}") from None
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a config dataclass (ClassVars excluded)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(args[0])}"
+    if type(None) in args:
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
+    return tp.__name__
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's messages span several lines; keep the problem and where it is."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).split("\n")[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

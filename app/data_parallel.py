@@ -1,0 +1,61 @@
+"""Horovod in one place: the data-parallel backbone's optimizer and its initial broadcast.
+Nothing else in app/ calls Horovod.
+
+Gradient convention: the trainer's loss is the mean over the GLOBAL batch, and each rank's backward
+only covers its own samples' share of it, so the backbone gradients of the ranks are SUMMED
+(`op=hvd.Sum`), not averaged. The classifier shard is not given to Horovod: it has its own
+row-sparse optimizer (app/classifier.py).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def build_backbone_optimizer(world, model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    """The backbone's optimizer (SGD with momentum or AdamW), wrapped in Horovod's
+    DistributedOptimizer (summed gradients) when Horovod runs."""
+    params = list(model.parameters())
+    if optim_cfg.name == "adamw":
+        opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                                weight_decay=optim_cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                              weight_decay=optim_cfg.weight_decay)
+    if world.hvd is None:
+        return opt
+    return world.hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                          op=world.hvd.Sum)
+
+
+def broadcast_initial_state(world, model: torch.nn.Module) -> None:
+    """Every rank starts from rank 0's parameters and buffers.
+
+    The optimizer state is deliberately not broadcast: Horovod's broadcast_optimizer_state
+    initialises an empty state by taking one optimizer step with zero gradients, which applies
+    weight decay once and seeds the momentum, so a P-rank run would no longer match a 1-rank
+    run. A fresh run has no state; a resumed run loads the same state file on every rank."""
+    if world.hvd is None or world.size == 1:
+        return
+    world.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+
+def gradient_bytes(world, model: torch.nn.Module) -> int:
+    """Bytes this rank sends per step for the dense backbone allreduce (ring: 2 (P-1)/P)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return 2 * total * (world.size - 1) // world.size
+
+
+def step(world, optimizer) -> float:
+    """Wait for the backbone's gradient allreduces, then apply the update. Returns the seconds
+    spent waiting for communication (the part of the allreduce not hidden behind backward)."""
+    if world.hvd is None:
+        optimizer.step()
+        return 0.0
+    start = time.perf_counter()
+    optimizer.synchronize()
+    waited = time.perf_counter() - start
+    with optimizer.skip_synchronize():
+        optimizer.step()
+    return waited

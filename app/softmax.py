@@ -1,0 +1,129 @@
+"""The class-sharded softmax: local math, apart from the thin exchange around it.
+
+Legend: N = samples of the global batch, b = this rank's samples, D = embedding dim,
+c = classes of this rank's shard (or the sampled subset of it), C = all classes, P = ranks.
+
+Every rank holds the rows [start, stop) of W. In `full` mode each rank scores all N gathered
+features against its c rows (`logits_Nc`); the exact cross-entropy over all C classes is assembled
+by `sharded_cross_entropy`, which allreduces the row max and the row sum of exponentials (and the
+positive's logit) so the loss of every sample is known on every rank. Its backward needs no
+communication: each rank's logit gradient is softmax - one-hot on its own columns (Megatron's
+vocab-parallel cross-entropy). The feature gradient returns to the sample's rank through the
+backward of `gather_rows` (a reduce-scatter that sums the shards' partial gradients).
+`sampled` mode is the same with c = the positives of the shard plus uniform random negatives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mpi import collectives
+
+
+def class_logits(feat_ND: torch.Tensor, weight_cD: torch.Tensor, logit: str) -> torch.Tensor:
+    """Raw similarities: cosine of normalised feature and weight rows, or the dot product."""
+    if logit == "cosine":
+        return F.normalize(feat_ND, dim=1) @ F.normalize(weight_cD, dim=1).t()
+    return feat_ND @ weight_cD.t()
+
+
+def apply_margin(sim_Nc: torch.Tensor, target_N: torch.Tensor, logit: str, scale: float,
+                 margin: float, margin_type: str) -> torch.Tensor:
+    """Logits from similarities: cosine logits are scaled by `scale` with the additive margin on
+    the positive (CosFace: s*(cos - m); ArcFace: s*cos(theta + m)); dot logits are returned as
+    they are. `target_N` holds each sample's positive column in `sim_Nc`, or -1 where the positive
+    is not among these columns."""
+    if logit != "cosine":
+        return sim_Nc
+    if margin == 0.0:
+        return scale * sim_Nc
+    rows = torch.nonzero(target_N >= 0).squeeze(1)
+    cols = target_N[rows]
+    pos = sim_Nc[rows, cols]
+    if margin_type == "arcface":
+        # cos(theta + m); clamp keeps acos differentiable at |cos| = 1.
+        theta = torch.acos(pos.clamp(-1 + 1e-7, 1 - 1e-7))
+        new_pos = torch.cos(theta + margin)
+    else:
+        new_pos = pos - margin
+    out = sim_Nc.index_put((rows, cols), new_pos)
+    return scale * out
+
+
+class _ShardedCrossEntropy(torch.autograd.Function):
+    """forward: per-sample cross-entropy over the columns of ALL ranks (logits_Nc are this
+    rank's columns; target_N is the local positive column or -1); the result is identical on all
+    ranks. backward: local only, d logits = softmax - one-hot on this rank's columns (no sum
+    over ranks: each rank's columns are its own)."""
+
+    @staticmethod
+    def forward(ctx, logits_Nc, target_N, world):
+        num_rows = logits_Nc.shape[0]
+        if logits_Nc.shape[1] > 0:
+            local_max_N = logits_Nc.max(dim=1).values
+        else:
+            local_max_N = torch.full((num_rows,), -math.inf, dtype=logits_Nc.dtype)
+        max_N = collectives.allreduce(world, local_max_N, "max")
+        exp_Nc = torch.exp(logits_Nc - max_N.unsqueeze(1))
+        owned = target_N >= 0
+        pos_N = torch.zeros(num_rows, dtype=logits_Nc.dtype)
+        pos_N[owned] = logits_Nc[owned, target_N[owned]]
+        # One allreduce carries both the row sum of exponentials and the positive's logit.
+        sums_N2 = collectives.allreduce(world, torch.stack([exp_Nc.sum(dim=1), pos_N], dim=1))
+        sum_exp_N, pos_N = sums_N2[:, 0], sums_N2[:, 1]
+        loss_N = torch.log(sum_exp_N) + max_N - pos_N
+        exp_Nc.div_(sum_exp_N.unsqueeze(1))  # now the softmax; kept for backward
+        ctx.save_for_backward(exp_Nc, target_N)
+        return loss_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        softmax_Nc, target_N = ctx.saved_tensors
+        grad_Nc = softmax_Nc * grad_N.unsqueeze(1)
+        owned = torch.nonzero(target_N >= 0).squeeze(1)
+        grad_Nc[owned, target_N[owned]] -= grad_N[owned]
+        return grad_Nc, None, None
+
+
+def sharded_cross_entropy(world, logits_Nc: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
+    """Exact per-sample softmax cross-entropy whose classes are spread over the ranks; see
+    `_ShardedCrossEntropy`. Every sample's positive must be owned by exactly one rank."""
+    return _ShardedCrossEntropy.apply(logits_Nc, target_N, world)
+
+
+@dataclass(frozen=True)
+class ShardColumns:
+    """Which of this rank's rows take part in the step: `rows_c` (local row indices, sorted) or
+    None for all rows, and `target_N` (each sample's positive column among them, or -1)."""
+
+    rows_c: torch.Tensor | None
+    target_N: torch.Tensor
+
+
+def full_columns(labels_N: torch.Tensor, start: int, stop: int) -> ShardColumns:
+    """All rows of the shard take part (mode `full`)."""
+    owned = (labels_N >= start) & (labels_N < stop)
+    return ShardColumns(None, torch.where(owned, labels_N - start, -1))
+
+
+def sampled_columns(labels_N: torch.Tensor, start: int, stop: int, sample_rate: float,
+                    generator: torch.Generator) -> ShardColumns:
+    """Partial FC's sampling (mode `sampled`): every positive class of the global batch owned by
+    this shard, plus uniform random negatives of the shard, ceil(sample_rate * c) rows in all
+    (more if the positives alone exceed that). sample_rate 1.0 selects every row, so it equals
+    `full`. Costs O(c) per step, like Partial FC."""
+    num_local = stop - start
+    owned = (labels_N >= start) & (labels_N < stop)
+    positives = torch.unique(labels_N[owned] - start)
+    num_keep = max(int(math.ceil(sample_rate * num_local)), positives.numel())
+    if num_keep >= num_local:
+        return full_columns(labels_N, start, stop)
+    score_c = torch.rand(num_local, generator=generator)
+    score_c[positives] = 2.0  # positives always win the top-k
+    rows_c = torch.topk(score_c, num_keep, sorted=False).indices.sort().values
+    target_N = torch.full_like(labels_N, -1)
+    target_N[owned] = torch.searchsorted(rows_c, labels_N[owned] - start)
+    return ShardColumns(rows_c, target_N)

@@ -1,0 +1,60 @@
+"""`python -m app.train --config FILE [--set key=value ...] [--resume]` under mpirun or srun.
+
+Trains the hybrid-parallel classifier of DESIGN.md in the run directory `out_dir`. Exit codes:
+0 done, 2 bad config, dataset or checkpoint (one line on stderr, nothing written), 1 a failure
+during training (traceback tagged with the rank; all ranks are stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mpi import collectives
+from mpi.world import init_world
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m app.train", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in out_dir (any number of "
+                        "ranks); starts from step 0 if there is none")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world = init_world()
+    from app.config import load_config  # noqa: PLC0415 - after MPI start, keeps --help fast
+    from app.runlog import init_logging  # noqa: PLC0415
+    from app.trainer import Trainer  # noqa: PLC0415
+
+    log = init_logging(world)
+    error, trainer = None, None
+    try:
+        cfg = load_config(args.config, args.set)
+        trainer = Trainer(world, cfg, args.resume, log)
+    except ValueError as exc:  # includes data_prep's DatasetError
+        error = str(exc)
+    # Every rank validated the same inputs without communicating; agree before any collective
+    # so a rank that failed alone cannot leave the others waiting.
+    errors = [e for e in collectives.allgather_object(world, error) if e]
+    if errors:
+        if world.is_root:
+            print(f"error: {errors[0]}", file=sys.stderr)
+        world.shutdown()
+        return 2
+    summary = trainer.run()
+    if world.is_root:
+        print(f"final top-1 {summary['top1']:.4f} top-5 {summary['top5']:.4f} over "
+              f"{summary['num_classes']} classes after {summary['steps']} steps; "
+              f"run directory: {summary['run_dir']}", flush=True)
+    world.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

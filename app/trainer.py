@@ -1,0 +1,261 @@
+"""The training loop (DESIGN.md section 3), modes `full` and `sampled`.
+
+Legend: b = this rank's batch, N = global batch (P * b), D = embedding dim.
+
+Construction does no communication, so a bad config, dataset or checkpoint is found by every rank
+before any collective and the job can exit cleanly (app/train.py agrees on the outcome). `run()`
+is collective from its first line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app import checkpoint, data_parallel
+from app.backbones import augment_images, build_backbone
+from app.classifier import ShardedClassifier
+from app.config import Config, config_hash, config_to_yaml
+from app.evaluate import as_input, evaluate
+from app.runlog import JsonLines, peak_rss_mb, progress_bar
+from app.schedule import LRSchedule
+from data_prep.reader import ShardedReader
+from mpi.partition import class_counts
+from mpi.sync_batchnorm import convert_sync_batchnorm
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Numbers derived once from the config, the dataset and the world; logged in one line."""
+
+    world_size: int
+    global_batch: int
+    num_classes: int
+    classes_per_rank: tuple[int, int]
+    rows_per_step: int          # classifier rows scored per sample on this rank's shard
+    steps: int
+    steps_per_epoch: int
+    feature_bytes_per_step: int  # gathered features + labels sent by one rank per step
+
+    def describe(self) -> str:
+        lo, hi = self.classes_per_rank
+        return (f"plan: {self.world_size} ranks, global batch {self.global_batch}, "
+                f"{self.num_classes} classes ({lo}-{hi} per rank, {self.rows_per_step} scored "
+                f"per sample per shard), {self.steps} steps = "
+                f"{self.steps / self.steps_per_epoch:.2f} epochs, "
+                f"~{self.feature_bytes_per_step / 2**20:.2f} MiB features out per rank per step")
+
+
+def make_plan(world, cfg: Config, reader: ShardedReader) -> RunPlan:
+    counts = class_counts(reader.num_classes, world.size)
+    local = counts[world.rank]
+    rows = local if cfg.softmax.mode == "full" else math.ceil(cfg.softmax.sample_rate * local)
+    itemsize = 8 if cfg.train.dtype == "float64" else 4
+    feat_bytes = cfg.train.batch_size * (cfg.model.embedding_dim * itemsize + 8) * (world.size - 1)
+    return RunPlan(world.size, world.size * cfg.train.batch_size, reader.num_classes,
+                   (min(counts), max(counts)), rows, cfg.train.steps, reader.batches_per_epoch,
+                   feat_bytes)
+
+
+class Trainer:
+    """One training run in `cfg.out_dir`; see the module docstring."""
+
+    def __init__(self, world, cfg: Config, resume: bool, log):
+        if cfg.softmax.mode == "knn":
+            raise ValueError("softmax.mode: 'knn' is not available yet in this version; use "
+                             "full or sampled")
+        self.world, self.cfg, self.log = world, cfg, log
+        self.dtype = _DTYPES[cfg.train.dtype]
+        self.run_dir = Path(cfg.out_dir)
+        self.start_step = 0
+        self._check_run_dir(resume)
+        self.reader = ShardedReader(cfg.data.path, "train", world.rank, world.size,
+                                    cfg.train.batch_size, cfg.seed, prefetch=cfg.data.prefetch)
+        self.val_reader = ShardedReader(cfg.data.path, "val", world.rank, world.size,
+                                        cfg.train.eval_batch_size, cfg.seed, shuffle=False,
+                                        drop_last=False, prefetch=cfg.data.prefetch)
+        self.plan = make_plan(world, cfg, self.reader)
+        torch.manual_seed(cfg.seed)  # the same backbone initialisation at any world size
+        self.backbone = build_backbone(cfg.model, self.reader.input_shape).to(self.dtype)
+        self.backbone = convert_sync_batchnorm(self.backbone, world)
+        self.optimizer = data_parallel.build_backbone_optimizer(world, self.backbone, cfg.optim)
+        self.classifier = ShardedClassifier(world, self.reader.num_classes,
+                                            cfg.model.embedding_dim, cfg.softmax, cfg.optim,
+                                            cfg.seed, self.dtype)
+        self.schedule = LRSchedule(cfg.optim.lr, cfg.schedule, cfg.train.steps)
+        self.classifier_lr_ratio = (cfg.optim.classifier_lr or cfg.optim.lr) / cfg.optim.lr
+        self.resumed_from = self._load_checkpoint() if resume else None
+
+    # -- set-up (no communication) ------------------------------------------------------------
+    def _check_run_dir(self, resume: bool) -> None:
+        holds_run = (self.run_dir / "metrics.jsonl").exists() or \
+            (self.run_dir / "checkpoints").exists()
+        if holds_run and not resume:
+            raise ValueError(f"{self.run_dir}: already holds a run; pass --resume to continue it "
+                             f"or set out_dir to a new directory")
+
+    def _load_checkpoint(self) -> Path | None:
+        directory = checkpoint.latest_checkpoint(self.run_dir)
+        if directory is None:
+            self.log.info("--resume: no complete checkpoint in %s, starting from step 0",
+                          self.run_dir)
+            return None
+        manifest = checkpoint.read_manifest(directory, self.reader.num_classes,
+                                            self.cfg.model.embedding_dim)
+        state = checkpoint.load(directory, manifest, self.classifier)
+        self.backbone.load_state_dict(state["backbone"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        self.reader.load_state_dict(manifest["data_position"])
+        self.start_step = int(manifest["step"])
+        if manifest["config_hash"] != config_hash(self.cfg):
+            self.log.warning("resuming %s with a changed config (hash %s, was %s)", directory,
+                             config_hash(self.cfg), manifest["config_hash"])
+        self.log.info("resuming from %s (step %d, written by %d ranks, now %d)", directory,
+                      self.start_step, manifest["world_size"], self.world.size)
+        return directory
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0 creates the run directory; a resumed run drops metrics past its checkpoint."""
+        if not self.world.is_root:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resumed_from is None:
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path = self.run_dir / name
+            if path.exists():  # lines written after the checkpoint by the run that crashed
+                kept = [line for line in path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= self.start_step]
+                tmp = path.with_name(name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+
+    # -- the loop (collective) ------------------------------------------------------------------
+    def run(self) -> dict:
+        world, cfg = self.world, self.cfg
+        data_parallel.broadcast_initial_state(world, self.backbone)
+        self._prepare_run_dir()
+        world.barrier()
+        self.log.info(self.plan.describe())
+        metrics = JsonLines(self.run_dir / "metrics.jsonl", world.is_root)
+        evals = JsonLines(self.run_dir / "eval.jsonl", world.is_root)
+        grad_bytes = data_parallel.gradient_bytes(world, self.backbone)
+        window = _Window()
+        world.traffic.reset()
+        bar = progress_bar(world, cfg.train.steps, self.start_step, f"train {cfg.softmax.mode}")
+        last_eval, loss_value = None, float("nan")
+        started = time.perf_counter()
+        for step in range(self.start_step, cfg.train.steps):
+            if step == cfg.train.crash_at_step:
+                raise RuntimeError(f"train.crash_at_step={step}: injected failure")
+            t0 = time.perf_counter()
+            lr = self.schedule(step)
+            loss, rows, hvd_wait = self._step(step, lr)
+            # The loss is the global-batch mean, identical on every rank by construction, so
+            # every rank stops at the same step without another collective. (CPU: .item() costs
+            # no device synchronisation.)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite loss {loss_value} at step {step}; lower "
+                                         f"optim.lr or check the data")
+            done = step + 1
+            window.add(time.perf_counter() - t0, loss_value, rows, hvd_wait)
+            bar.update(1)
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                record = window.flush(world, step=done, epoch=self.reader.epoch, lr=lr,
+                                      global_batch=self.plan.global_batch, grad_bytes=grad_bytes)
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                samples_s=f"{record['samples_per_s']:.0f}")
+            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
+                last_eval = self._evaluate(done, evals)
+            if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or \
+                    done == cfg.train.steps:
+                self._save(done)
+        bar.close()
+        if last_eval is None:  # resumed at the end: nothing left to train
+            last_eval = self._evaluate(cfg.train.steps, evals)
+        summary = {"steps": cfg.train.steps, "final_loss": loss_value, **last_eval,
+                   "world_size": world.size, "global_batch": self.plan.global_batch,
+                   "wall_s": time.perf_counter() - started, "run_dir": str(self.run_dir),
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                   "peak_rss_mb": peak_rss_mb()}
+        if world.is_root:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        self.reader.close()
+        self.val_reader.close()
+        return summary
+
+    def _step(self, step: int, lr: float) -> tuple[torch.Tensor, int, float]:
+        batch = next(self.reader)
+        x_b = as_input(batch.inputs, self.dtype)
+        if x_b.dtype == torch.uint8 and self.cfg.data.augment:
+            # Seeded by (seed, step, rank): a resumed run augments exactly as the original.
+            gen = torch.Generator().manual_seed(
+                int(np.random.default_rng([self.cfg.seed, step, self.world.rank, 7]).integers(2**62)))
+            x_b = augment_images(x_b, gen)
+        labels_b = torch.from_numpy(batch.labels)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none
+        feat_bD = self.backbone(x_b)
+        loss = self.classifier.loss(feat_bD, labels_b, step)
+        loss.backward()
+        hvd_wait = data_parallel.step(self.world, self.optimizer)
+        rows = self.classifier.step(lr * self.classifier_lr_ratio)
+        return loss.detach(), rows, hvd_wait
+
+    def _evaluate(self, step: int, evals: JsonLines) -> dict:
+        result = evaluate(self.world, self.backbone, self.classifier, self.val_reader,
+                          self.cfg.train.eval_max_samples, self.dtype)
+        evals.write({"step": step, **result})
+        self.log.info("eval step %d: top1 %.4f top5 %.4f over %d classes (%d samples)", step,
+                      result["top1"], result["top5"], result["num_classes"],
+                      result["num_samples"])
+        return result
+
+    def _save(self, step: int) -> None:
+        state = {"step": step, "backbone": self.backbone.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "rng": checkpoint.rng_state()}
+        path = checkpoint.save(self.world, self.run_dir, step, self.classifier, state,
+                               self.reader.state_dict(), config_hash(self.cfg),
+                               self.cfg.train.keep_checkpoints)
+        self.log.info("checkpoint %s", path)
+
+
+class _Window:
+    """Per-step figures accumulated between two metrics lines (host numbers only)."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.loss, self.rows, self.hvd_wait = 0, 0.0, 0.0, 0, 0.0
+
+    def add(self, seconds: float, loss: float, rows: int, hvd_wait: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.loss += loss
+        self.rows += rows
+        self.hvd_wait += hvd_wait
+
+    def flush(self, world, *, step: int, epoch: int, lr: float, global_batch: int,
+              grad_bytes: int) -> dict:
+        n = max(self.steps, 1)
+        sent, comm_s = world.traffic.reset()
+        record = {
+            "step": step, "epoch": epoch, "loss": self.loss / n, "lr": lr,
+            "samples_per_s": global_batch * self.steps / max(self.seconds, 1e-9),
+            "step_time_s": self.seconds / n, "comm_time_s": (comm_s + self.hvd_wait) / n,
+            "bytes_sent": sent // n + grad_bytes, "grad_bytes_sent": grad_bytes,
+            "rows_updated": self.rows // n, "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+        self.__init__()
+        return record

@@ -1,0 +1,188 @@
+"""The World: one explicit object for the communicator, rank, size, local rank, device and Horovod.
+
+`init_world()` is called once from an entry point's main() and the World is passed to whoever
+needs it. Launched under mpirun/srun it wraps mpi4py's COMM_WORLD and initialises Horovod on the
+same communicator; launched as a plain `python` process (a laptop, one GPU) with neither mpi4py nor
+Horovod importable it still returns a working one-rank World. `fake_world()` is that one-rank World
+for unit tests.
+
+An uncaught exception on any rank must not leave the other ranks hanging at their next
+collective: `init_world()` installs an excepthook that prints the traceback tagged with the rank
+and then calls MPI Abort, which makes the launcher kill the whole job.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Environment variables that only exist when a process was started by an MPI/PMI launcher.
+_LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+@dataclass
+class Traffic:
+    """What this rank sent and how long it waited in collectives, since the last `reset()`."""
+
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+    @contextmanager
+    def timed(self, nbytes: int):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.bytes_sent += int(nbytes)
+
+    def reset(self) -> tuple[int, float]:
+        """Return (bytes_sent, seconds) so far and start counting again."""
+        out = (self.bytes_sent, self.seconds)
+        self.bytes_sent, self.seconds = 0, 0.0
+        return out
+
+
+@dataclass
+class World:
+    """Who this process is in the job. `comm` is an mpi4py communicator, or None for one rank
+    without MPI. `hvd` is the initialised `horovod.torch` module, or None where Horovod is not
+    used (one rank without Horovod installed, unit tests)."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    device: torch.device
+    threads: int
+    comm: Any = None
+    hvd: Any = None
+    traffic: Traffic = field(default_factory=Traffic)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.comm is not None and self.size > 1:
+            self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        """End the whole job now (all ranks). Used after an uncaught exception on this rank."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.comm is not None and self.size > 1:
+            self.comm.Abort(code)
+        os._exit(code)
+
+    def shutdown(self) -> None:
+        """Orderly end: stop Horovod's background thread before MPI finalises at exit."""
+        if self.hvd is not None:
+            self.hvd.shutdown()
+            self.hvd = None
+
+
+def launched_by_mpi() -> bool:
+    return any(name in os.environ for name in _LAUNCHER_ENV)
+
+
+def _threads_per_rank(local_size: int) -> int:
+    # Ranks on one node share its cores; without this two ranks on two cores each start two
+    # torch threads and every step slows down. cpu_count ignores the launcher's core binding,
+    # the affinity mask respects it (mpirun binds to one core per rank for small jobs).
+    cores = os.cpu_count() or 1
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return max(1, min(cores // max(local_size, 1), affinity))
+
+
+def _pick_device(local_rank: int, device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _install_abort_hook(world: World) -> None:
+    """Uncaught exception on this rank: print it tagged with the rank, then abort the job."""
+
+    def hook(exc_type, exc, tb):
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        prefix = f"[rank {world.rank}] "
+        sys.stderr.write("".join(prefix + line + "\n" for line in text.rstrip().splitlines()))
+        sys.stderr.write(f"[rank {world.rank}] uncaught {exc_type.__name__}: aborting all "
+                         f"{world.size} ranks\n")
+        world.abort(1)
+
+    def thread_hook(args):
+        hook(args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
+
+
+def init_world(use_horovod: bool = True, device: str = "auto", abort_on_error: bool = True) -> World:
+    """Create the World of this process.
+
+    Under a launcher: mpi4py COMM_WORLD, local rank from a shared-memory split, torch threads set
+    to the node's cores divided by the ranks on it, and (if `use_horovod`) Horovod initialised on
+    the same communicator. Horovod missing under a multi-rank launch is an error; for a single
+    process it is optional.
+    """
+    comm = None
+    if launched_by_mpi():
+        from mpi4py import MPI  # noqa: PLC0415 - MPI must not start at import time
+
+        comm = MPI.COMM_WORLD
+    else:
+        try:
+            from mpi4py import MPI  # noqa: PLC0415
+
+            comm = MPI.COMM_WORLD
+        except ImportError:
+            comm = None
+    if comm is not None:
+        rank, size = comm.Get_rank(), comm.Get_size()
+        node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
+        node_comm.Free()
+    else:
+        rank, size, local_rank, local_size = 0, 1, 0, 1
+
+    threads = _threads_per_rank(local_size)
+    torch.set_num_threads(threads)
+    world = World(rank=rank, size=size, local_rank=local_rank, local_size=local_size,
+                  device=_pick_device(local_rank, device), threads=threads, comm=comm)
+    if world.device.type == "cuda":
+        torch.cuda.set_device(world.device)
+    if abort_on_error:
+        _install_abort_hook(world)
+    if use_horovod:
+        world.hvd = _init_horovod(comm, size)
+    return world
+
+
+def _init_horovod(comm, size: int):
+    try:
+        import horovod.torch as hvd  # noqa: PLC0415 - optional on one rank
+    except ImportError as exc:
+        if size > 1:
+            raise RuntimeError("Horovod is not importable but the job has several ranks; "
+                               "run 'make setup' (it builds horovod 0.28.1)") from exc
+        return None
+    hvd.init(comm=comm) if comm is not None else hvd.init()
+    assert hvd.size() == size, f"Horovod sees {hvd.size()} ranks, MPI {size}"
+    return hvd
+
+
+def fake_world(device: str = "cpu") -> World:
+    """A one-rank World without MPI or Horovod, for unit tests and single-process tools."""
+    return World(rank=0, size=1, local_rank=0, local_size=1, device=torch.device(device),
+                 threads=torch.get_num_threads(), comm=None, hvd=None)

@@ -1,0 +1,110 @@
+"""The trainer through the real launcher: world-size independence, resume, bad input.
+
+Runs are float64 with small shapes so traces can be compared to 1e-6; each launches `mpirun`.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.integration.launch import mpirun_cmd, run
+
+BASE = ["train.dtype=float64", "train.log_every=1", "model.embedding_dim=16",
+        "model.mlp_hidden=32", "softmax.margin=0.1", "schedule.warmup_steps=3",
+        "train.eval_batch_size=40"]
+
+
+def train(np_, data, out, steps, batch, *extra, resume=False, timeout=240):
+    sets = [f"data.path={data}", f"out_dir={out}", f"train.steps={steps}",
+            f"train.batch_size={batch}", *BASE, *extra]
+    args = ["-m", "app.train", "--config", "configs/demo.yaml"]
+    for s in sets:
+        args += ["--set", s]
+    if resume:
+        args.append("--resume")
+    return run(mpirun_cmd(np_, *args), timeout=timeout)
+
+
+def losses(out):
+    lines = Path(out, "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+def assert_traces_equal(a, b, rtol=1e-6):
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (step, x), (_, y) in zip(a, b):
+        assert abs(x - y) <= rtol * abs(y), f"step {step}: {x} vs {y}"
+
+
+@pytest.mark.parametrize("mode", ["full", "sampled"])
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(vectors_dataset, tmp_path, mode):
+    extra = [f"softmax.mode={mode}", "softmax.sample_rate=1.0"]
+    one = train(1, vectors_dataset, tmp_path / "one", 12, 48, *extra)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = train(2, vectors_dataset, tmp_path / "two", 12, 24, *extra)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_traces_equal(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    first, last = losses(tmp_path / "one")[0][1], losses(tmp_path / "one")[-1][1]
+    assert last < first, "the loss did not go down"
+
+
+def test_crash_and_resume_reproduces_the_uninterrupted_run(vectors_dataset, tmp_path):
+    whole = train(2, vectors_dataset, tmp_path / "whole", 16, 24)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    crashed = train(2, vectors_dataset, tmp_path / "crash", 16, 24, "train.checkpoint_every=8",
+                    "train.crash_at_step=11")
+    assert crashed.returncode != 0
+    assert "injected failure" in crashed.stderr
+    assert (tmp_path / "crash/checkpoints/step-00000008/manifest.json").exists()
+    resumed = train(2, vectors_dataset, tmp_path / "crash", 16, 24, "train.checkpoint_every=8",
+                    resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_traces_equal(losses(tmp_path / "crash"), losses(tmp_path / "whole"))
+    summary = json.loads((tmp_path / "crash/summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-00000008")
+
+
+@pytest.mark.parametrize("new_np,new_batch", [(1, 48), (3, 16)])
+def test_two_rank_checkpoint_resumes_on_other_world_sizes(vectors_dataset, tmp_path, new_np,
+                                                          new_batch):
+    whole = train(2, vectors_dataset, tmp_path / "whole", 12, 24)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    # Stopped after the step-6 checkpoint (the same 12-step schedule as the whole run).
+    part = train(2, vectors_dataset, tmp_path / "part", 12, 24, "train.checkpoint_every=6",
+                 "train.crash_at_step=6")
+    assert part.returncode != 0 and (tmp_path / "part/checkpoints/step-00000006").is_dir()
+    # Same global batch (48) on a different number of ranks.
+    more = train(new_np, vectors_dataset, tmp_path / "part", 12, new_batch,
+                 "train.checkpoint_every=6", resume=True)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "written by 2 ranks, now %d" % new_np in more.stderr
+    assert_traces_equal(losses(tmp_path / "part"), losses(tmp_path / "whole"))
+
+
+def snapshot(directory):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_overwritten(vectors_dataset, other_dataset,
+                                                              tmp_path):
+    out = tmp_path / "run"
+    ok = train(2, vectors_dataset, out, 4, 24)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    before = snapshot(out)
+    cases = [
+        (["train.stepz=3"], False, "unknown config key 'train.stepz'"),
+        (["train.steps=abc"], False, "train.steps"),
+        ([], False, "already holds a run"),
+        ([f"data.path={other_dataset}"], True, "classes but the dataset has 70"),
+        (["model.embedding_dim=8"], True, "model.embedding_dim"),
+        (["data.path=/nonexistent/data"], True, "/nonexistent/data"),
+    ]
+    for extra, resume, expect in cases:
+        # Later --set values win, so `extra` can replace the data path too.
+        proc = train(2, vectors_dataset, out, 8, 24, *extra, resume=resume)
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and expect in errors[0], (extra, proc.stderr[-2000:])
+        assert snapshot(out) == before, f"{extra} changed the run directory"
