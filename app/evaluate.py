@@ -42,3 +42,79 @@ def evaluate(world, backbone, classifier, reader, max_samples: int = 0, dtype=to
     c1, c5, n = (int(v) for v in totals)
     return {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "num_samples": n,
             "num_classes": classifier.num_classes}
+
+
+def main(argv=None) -> int:
+    import argparse  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(prog="python -m app.evaluate", description=(
+        "Evaluate a run's newest (or a given) checkpoint on the val split: top-1 and top-5 over "
+        "all classes. Works under mpirun/srun with any number of ranks."))
+    p.add_argument("--run", required=True, help="run directory (holds config.yaml, checkpoints/)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the newest complete one)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the run, e.g. data.path=... (repeatable)")
+    p.add_argument("--max-samples", type=int, default=0, help="cap on val samples (0 = all)")
+    args = p.parse_args(argv)
+
+    from mpi import collectives  # noqa: PLC0415
+    from mpi.world import init_world  # noqa: PLC0415
+
+    world = init_world()
+    error, result = None, None
+    try:
+        state = _load_for_eval(world, Path(args.run), args.checkpoint, args.set)
+    except ValueError as exc:
+        error = str(exc)
+    errors = [e for e in collectives.allgather_object(world, error) if e]
+    if errors:
+        if world.is_root:
+            print(f"error: {errors[0]}", file=sys.stderr)
+        world.shutdown()
+        return 2
+    backbone, classifier, reader, step, dtype = state
+    result = evaluate(world, backbone, classifier, reader, args.max_samples, dtype)
+    reader.close()
+    if world.is_root:
+        record = {"step": step, **result, "source": "app.evaluate"}
+        with (Path(args.run) / "eval.jsonl").open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        print(f"step {step}: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} over "
+              f"{result['num_classes']} classes ({result['num_samples']} samples)", flush=True)
+    world.shutdown()
+    return 0
+
+
+def _load_for_eval(world, run_dir, checkpoint_dir, overrides):
+    """Config, model and val reader of a run, restored from a checkpoint (no communication)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from app import checkpoint  # noqa: PLC0415
+    from app.config import load_config  # noqa: PLC0415
+    from app.model import build_model  # noqa: PLC0415
+    from data_prep.reader import ShardedReader  # noqa: PLC0415
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ValueError(f"{config_path}: not found; --run must name a run directory")
+    cfg = load_config(str(config_path), overrides)
+    directory = Path(checkpoint_dir) if checkpoint_dir else checkpoint.latest_checkpoint(run_dir)
+    if directory is None:
+        raise ValueError(f"{run_dir}: holds no complete checkpoint to evaluate")
+    reader = ShardedReader(cfg.data.path, "val", world.rank, world.size,
+                           cfg.train.eval_batch_size, cfg.seed, shuffle=False, drop_last=False,
+                           prefetch=cfg.data.prefetch)
+    backbone, classifier, dtype = build_model(world, cfg, reader.input_shape, reader.num_classes)
+    manifest = checkpoint.read_manifest(directory, reader.num_classes, cfg.model.embedding_dim)
+    state = checkpoint.load(directory, manifest, classifier)
+    backbone.load_state_dict(state["backbone"])
+    return backbone, classifier, reader, int(manifest["step"]), dtype
+
+
+if __name__ == "__main__":
+    import sys as _sys
+
+    _sys.exit(main())

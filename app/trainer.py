@@ -19,18 +19,14 @@ import numpy as np
 import torch
 
 from app import checkpoint, data_parallel
-from app.backbones import augment_images, build_backbone
-from app.classifier import ShardedClassifier
+from app.backbones import augment_images
 from app.config import Config, config_hash, config_to_yaml
 from app.evaluate import as_input, evaluate
+from app.model import build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
 from app.schedule import LRSchedule
 from data_prep.reader import ShardedReader
 from mpi.partition import class_counts
-from mpi.sync_batchnorm import convert_sync_batchnorm
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -73,7 +69,6 @@ class Trainer:
             raise ValueError("softmax.mode: 'knn' is not available yet in this version; use "
                              "full or sampled")
         self.world, self.cfg, self.log = world, cfg, log
-        self.dtype = _DTYPES[cfg.train.dtype]
         self.run_dir = Path(cfg.out_dir)
         self.start_step = 0
         self._check_run_dir(resume)
@@ -83,13 +78,9 @@ class Trainer:
                                         cfg.train.eval_batch_size, cfg.seed, shuffle=False,
                                         drop_last=False, prefetch=cfg.data.prefetch)
         self.plan = make_plan(world, cfg, self.reader)
-        torch.manual_seed(cfg.seed)  # the same backbone initialisation at any world size
-        self.backbone = build_backbone(cfg.model, self.reader.input_shape).to(self.dtype)
-        self.backbone = convert_sync_batchnorm(self.backbone, world)
+        self.backbone, self.classifier, self.dtype = build_model(
+            world, cfg, self.reader.input_shape, self.reader.num_classes)
         self.optimizer = data_parallel.build_backbone_optimizer(world, self.backbone, cfg.optim)
-        self.classifier = ShardedClassifier(world, self.reader.num_classes,
-                                            cfg.model.embedding_dim, cfg.softmax, cfg.optim,
-                                            cfg.seed, self.dtype)
         self.schedule = LRSchedule(cfg.optim.lr, cfg.schedule, cfg.train.steps)
         self.classifier_lr_ratio = (cfg.optim.classifier_lr or cfg.optim.lr) / cfg.optim.lr
         self.resumed_from = self._load_checkpoint() if resume else None

@@ -108,3 +108,19 @@ def test_bad_input_is_one_line_exit_2_and_nothing_overwritten(vectors_dataset, o
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and expect in errors[0], (extra, proc.stderr[-2000:])
         assert snapshot(out) == before, f"{extra} changed the run directory"
+
+
+def test_evaluate_cli_matches_training_eval_on_another_world_size(vectors_dataset, tmp_path):
+    out = tmp_path / "run"
+    ok = train(2, vectors_dataset, out, 6, 24)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    trained = json.loads((out / "summary.json").read_text())
+    proc = run(mpirun_cmd(3, "-m", "app.evaluate", "--run", str(out)), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
+    assert last["source"] == "app.evaluate" and last["step"] == 6
+    assert last["top1"] == trained["top1"] and last["top5"] == trained["top5"]
+    assert last["num_samples"] == trained["num_samples"] == 60 * 4
+    missing = run(mpirun_cmd(2, "-m", "app.evaluate", "--run", str(tmp_path / "nope")),
+                  timeout=120)
+    assert missing.returncode == 2 and "error: " in missing.stderr
