@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from mpi import collectives
-from mpi.autograd import gather_rows
-from mpi.partition import class_range
+from app.knn_softmax import active_classes, assemble, make_plan, pair_similarities
 from app.softmax import (ShardColumns, apply_margin, class_logits, full_columns,
                          sampled_columns, sharded_cross_entropy)
+from mpi import collectives
+from mpi.autograd import exchange_rows, gather_rows
+from mpi.partition import class_range
 
 # Rows are initialised in fixed blocks keyed by (seed, block), so a row's initial value does not
 # depend on how many ranks share the classes (a 1-rank and a 4-rank run start identically).
@@ -66,9 +68,10 @@ class ShardedClassifier:
     """Rows [start, stop) of the C x D classifier and their optimizer, on this rank.
 
     Distributed contract of `loss`: every rank passes its own features and labels (all ranks the
-    same batch size); the returned loss is the mean over the GLOBAL batch, identical on every
-    rank; after `loss.backward()` the feature gradient on each rank is the full gradient of that
-    global mean w.r.t. its own features, and `step()` applies this shard's row gradients.
+    same batch size) and backpropagates the first returned tensor; the second is the mean loss
+    over the GLOBAL batch, identical on every rank. After backward the feature gradient on each
+    rank is the full gradient of that global mean w.r.t. its own features, and `step()` applies
+    this shard's row gradients (only the rows that took part).
     """
 
     def __init__(self, world, num_classes: int, dim: int, softmax_cfg, optim_cfg, seed: int,
@@ -79,24 +82,47 @@ class ShardedClassifier:
         self.weight_cD = init_rows(seed, self.start, self.stop, dim, dtype)
         self.optimizer = RowSGD(self.weight_cD, optim_cfg.classifier_momentum,
                                 optim_cfg.classifier_weight_decay)
-        self._pending: tuple[ShardColumns, torch.Tensor] | None = None
+        # (rows that took part or None for all, their leaf tensor) between loss() and step().
+        self._pending: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        self.graph = None
+        self.pairs_last_step = 0
 
     @property
     def num_local(self) -> int:
         return self.stop - self.start
 
+    def set_graph(self, graph) -> None:
+        """The KNN graph used by mode `knn` from the next step on (anything with
+        `rows(class_ids) -> (n, K) ints`, e.g. app.knn_graph.KnnGraph); swapped at a step
+        boundary by the trainer."""
+        self.graph = graph
+
+    def _generator(self, step: int, stream: int) -> torch.Generator:
+        # Random choices are a function of (seed, step, stream): a resumed run repeats them.
+        seed = np.random.default_rng([self.seed, step, stream]).integers(2**62)
+        return torch.Generator().manual_seed(int(seed))
+
     def columns(self, labels_N: torch.Tensor, step: int) -> ShardColumns:
         if self.cfg.mode == "sampled":
-            gen = torch.Generator().manual_seed(
-                int(np.random.default_rng([self.seed, step, self.world.rank]).integers(2**62)))
-            return sampled_columns(labels_N, self.start, self.stop, self.cfg.sample_rate, gen)
+            return sampled_columns(labels_N, self.start, self.stop, self.cfg.sample_rate,
+                                   self._generator(step, 1 + self.world.rank))
         return full_columns(labels_N, self.start, self.stop)
 
-    def loss(self, feat_bD: torch.Tensor, labels_b: torch.Tensor, step: int) -> torch.Tensor:
-        """Global-batch mean cross-entropy (modes `full` and `sampled`); see the class docstring."""
+    def loss(self, feat_bD: torch.Tensor, labels_b: torch.Tensor,
+             step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate on this rank, global-batch mean loss for logging).
+
+        `full`/`sampled`: the loss is the global mean, identical on all ranks, and is also what
+        each rank backpropagates (each rank's logit gradients are its own columns').
+        `knn`: each rank backpropagates its own samples' share (sum / N); the shares add up to
+        the global mean, which one scalar allreduce provides for logging. Either way, after
+        backward the feature gradient on every rank is the full gradient of the global mean
+        w.r.t. its own features."""
         sizes = [feat_bD.shape[0]] * self.world.size
         labels_N = collectives.allgather(self.world, labels_b, sizes)
         feat_ND = gather_rows(self.world, feat_bD, sizes)
+        if self.cfg.mode == "knn":
+            return self._knn_loss(feat_ND, labels_N, feat_bD.shape[0], step)
         cols = self.columns(labels_N, step)
         # A leaf for this step's rows: its .grad holds exactly the row gradients to apply, so
         # nothing of the shard's size is allocated for rows that did not take part.
@@ -107,25 +133,52 @@ class ShardedClassifier:
         sim_Nc = class_logits(feat_ND, weight_leaf, self.cfg.logit)
         logits_Nc = apply_margin(sim_Nc, cols.target_N, self.cfg.logit, self.cfg.scale,
                                  self.cfg.margin, self.cfg.margin_type)
-        loss_N = sharded_cross_entropy(self.world, logits_Nc, cols.target_N)
-        self._pending = (cols, weight_leaf)
-        return loss_N.mean()
+        loss = sharded_cross_entropy(self.world, logits_Nc, cols.target_N).mean()
+        self._pending = (cols.rows_c, weight_leaf)
+        return loss, loss.detach()
+
+    def _knn_loss(self, feat_ND, labels_N, per_rank: int, step: int):
+        if self.graph is None:
+            raise ValueError("softmax.mode=knn needs a KNN graph; call set_graph() first")
+        cls_NA, valid_NA = active_classes(labels_N, self.graph, self.num_classes,
+                                          self.cfg.random_negatives, self._generator(step, 0))
+        plan = make_plan(cls_NA, valid_NA, self.num_classes, self.world.rank, self.world.size,
+                         per_rank)
+        num_active = cls_NA.shape[1]
+        local_p = cls_NA.reshape(-1)[plan.mine_p] - self.start
+        rows_u, inv_p = torch.unique(local_p, return_inverse=True)
+        weight_leaf = self.weight_cD[rows_u].requires_grad_()
+        sim_p = pair_similarities(feat_ND, weight_leaf, inv_p, plan.mine_p // num_active,
+                                  self.cfg.logit)
+        sim_recv = exchange_rows(self.world, sim_p.unsqueeze(1), plan.send_counts,
+                                 plan.recv_counts).squeeze(1)
+        sim_bA = assemble(sim_recv, plan, per_rank)
+        target_b = torch.zeros(per_rank, dtype=torch.int64)  # column 0 is the label
+        logits_bA = apply_margin(sim_bA, target_b, self.cfg.logit, self.cfg.scale,
+                                 self.cfg.margin, self.cfg.margin_type)
+        lo = self.world.rank * per_rank
+        logits_bA = logits_bA.masked_fill(~valid_NA[lo:lo + per_rank], -torch.inf)
+        loss_sum = F.cross_entropy(logits_bA, target_b, reduction="sum")
+        share = loss_sum / labels_N.shape[0]
+        self._pending = (rows_u, weight_leaf)
+        self.pairs_last_step = int(plan.mine_p.numel())
+        return share, collectives.allreduce(self.world, share.detach().reshape(1))[0]
 
     def row_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global class ids, their gradient rows) produced by the last backward; for tests and
         diagnostics. Rows that did not take part are absent."""
         assert self._pending is not None and self._pending[1].grad is not None
-        cols, weight_leaf = self._pending
-        local = torch.arange(self.num_local) if cols.rows_c is None else cols.rows_c
+        rows, weight_leaf = self._pending
+        local = torch.arange(self.num_local) if rows is None else rows
         return local + self.start, weight_leaf.grad
 
     def step(self, lr: float) -> int:
         """Apply this step's row gradients (after backward). Returns the number of rows touched."""
         assert self._pending is not None, "step() without loss()"
-        cols, weight_leaf = self._pending
+        rows, weight_leaf = self._pending
         self._pending = None
-        self.optimizer.step(cols.rows_c, weight_leaf.grad, lr)
-        return self.num_local if cols.rows_c is None else int(cols.rows_c.numel())
+        self.optimizer.step(rows, weight_leaf.grad, lr)
+        return self.num_local if rows is None else int(rows.numel())
 
     @torch.no_grad()
     def topk(self, feat_bD: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -199,11 +199,11 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none
         feat_bD = self.backbone(x_b)
-        loss = self.classifier.loss(feat_bD, labels_b, step)
+        loss, loss_value = self.classifier.loss(feat_bD, labels_b, step)
         loss.backward()
         hvd_wait = data_parallel.step(self.world, self.optimizer)
         rows = self.classifier.step(lr * self.classifier_lr_ratio)
-        return loss.detach(), rows, hvd_wait
+        return loss_value, rows, hvd_wait
 
     def _evaluate(self, step: int, evals: JsonLines) -> dict:
         result = evaluate(self.world, self.backbone, self.classifier, self.val_reader,

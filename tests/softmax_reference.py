@@ -28,7 +28,8 @@ def dense_reference(feat, labels, weight, softmax_cfg):
     return loss.detach(), feat.grad, weight.grad
 
 
-def check_classifier_parity(world, softmax_cfg, per_rank=5, num_classes=23, dim=6, seed=0):
+def check_classifier_parity(world, softmax_cfg, per_rank=5, num_classes=23, dim=6, seed=0,
+                            graph=None):
     """Run ShardedClassifier.loss on this rank's slice and compare loss, feature gradient and
     every row gradient it produced with the dense reference, to 1e-6 relative in float64.
     Returns the global ids of the rows that received a gradient on this rank."""
@@ -43,12 +44,68 @@ def check_classifier_parity(world, softmax_cfg, per_rank=5, num_classes=23, dim=
     clf.weight_cD.copy_(weight[clf.start:clf.stop])
     lo = world.rank * per_rank
     feat_b = feat[lo:lo + per_rank].clone().requires_grad_()
-    loss = clf.loss(feat_b, labels[lo:lo + per_rank], step=3)
+    if graph is not None:
+        clf.set_graph(graph)
+    loss, value = clf.loss(feat_b, labels[lo:lo + per_rank], step=3)
     loss.backward()
-    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(value, ref_loss, rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(feat_b.grad, ref_dfeat[lo:lo + per_rank], rtol=1e-6, atol=1e-12)
     rows, grads = clf.row_grads()
     torch.testing.assert_close(grads, ref_dweight[rows], rtol=1e-6, atol=1e-12)
     # Rows that did not take part must have no gradient in the reference either, unless the
     # mode samples (then the reference's gradient for them is what sampling leaves out).
     return rows
+
+
+class FullGraph:
+    """A KNN graph with K = C: row c is c followed by every other class (in a scrambled order,
+    so the routing cannot rely on sorted rows)."""
+
+    def __init__(self, num_classes: int, seed: int = 0):
+        self.num_classes = num_classes
+        self.perm = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))
+
+    def rows(self, class_ids):
+        import numpy as np
+
+        ids = np.asarray(class_ids, dtype=np.int64)
+        others = self.perm.numpy()
+        out = np.empty((ids.size, self.num_classes), dtype=np.int32)
+        for n, c in enumerate(ids):
+            out[n, 0] = c
+            out[n, 1:] = others[others != c]
+        return out
+
+
+class RandomGraph:
+    """Row c: c, then K-1 distinct other classes drawn from (seed, c)."""
+
+    def __init__(self, num_classes: int, k: int, seed: int = 0):
+        import numpy as np
+
+        self.table = np.empty((num_classes, k), dtype=np.int32)
+        for c in range(num_classes):
+            others = np.random.default_rng([seed, c]).permutation(num_classes - 1)[:k - 1]
+            self.table[c, 0] = c
+            self.table[c, 1:] = others + (others >= c)
+
+    def rows(self, class_ids):
+        import numpy as np
+
+        return self.table[np.asarray(class_ids, dtype=np.int64)]
+
+
+def knn_reference(feat, labels, weight, cls_NA, valid_NA, softmax_cfg):
+    """Dense float64 reference of the KNN softmax: per sample, cross-entropy over its valid
+    active classes (label first). Returns (loss, d feat, d W)."""
+    feat = feat.clone().requires_grad_()
+    weight = weight.clone().requires_grad_()
+    sim = class_logits(feat, weight, softmax_cfg.logit)          # N x C
+    sim_NA = torch.gather(sim, 1, cls_NA)
+    target = torch.zeros(len(labels), dtype=torch.int64)
+    logits = apply_margin(sim_NA, target, softmax_cfg.logit, softmax_cfg.scale,
+                          softmax_cfg.margin, softmax_cfg.margin_type)
+    logits = logits.masked_fill(~valid_NA, -torch.inf)
+    loss = F.cross_entropy(logits, target)
+    loss.backward()
+    return loss.detach(), feat.grad, weight.grad

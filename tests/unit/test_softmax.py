@@ -5,7 +5,7 @@ import torch
 from app.config import SoftmaxConfig
 from app.softmax import full_columns, sampled_columns
 from mpi.world import fake_world
-from tests.softmax_reference import check_classifier_parity
+from tests.softmax_reference import FullGraph, check_classifier_parity
 
 LOGITS = [("cosine", 0.0, "cosface"), ("cosine", 0.2, "cosface"), ("cosine", 0.3, "arcface"),
           ("dot", 0.0, "cosface")]
@@ -54,7 +54,7 @@ def test_sampled_rows_match_reference_on_the_sampled_subset():
     clf = ShardedClassifier(fake_world(), 40, 6, cfg, OptimConfig(), 0, dtype=torch.float64)
     clf.weight_cD.copy_(weight)
     feat_b = feat.clone().requires_grad_()
-    loss = clf.loss(feat_b, labels, step=0)
+    loss, _ = clf.loss(feat_b, labels, step=0)
     loss.backward()
     rows, grads = clf.row_grads()
     assert set(labels.tolist()) <= set(rows.tolist()) and rows.numel() == 12
@@ -90,3 +90,35 @@ def test_row_sgd_is_torch_sgd_on_touched_rows_and_lazy_elsewhere():
     torch.testing.assert_close(weight[rows], ref.detach()[rows])
     torch.testing.assert_close(weight[[1, 4]], untouched)
     assert torch.all(opt.momentum_cD[[1, 4]] == 0)
+
+
+@pytest.mark.parametrize("logit,margin,margin_type", LOGITS)
+def test_knn_with_k_equal_c_equals_full(logit, margin, margin_type):
+    cfg = SoftmaxConfig(mode="knn", k=23, random_negatives=0, logit=logit,
+                        scale=8.0 if logit == "cosine" else 1.0, margin=margin,
+                        margin_type=margin_type)
+    rows = check_classifier_parity(fake_world(), cfg, graph=FullGraph(23))
+    assert rows.tolist() == list(range(23))
+
+
+def test_random_negatives_never_the_label_and_duplicates_masked():
+    from app.knn_softmax import active_classes
+
+    class TwoNeighbours:
+        def rows(self, ids):
+            import numpy as np
+            ids = np.asarray(ids)
+            return np.stack([ids, (ids + 1) % 10], axis=1)
+
+    labels = torch.arange(10).repeat(50)
+    cls, valid = active_classes(labels, TwoNeighbours(), 10, 6, torch.Generator().manual_seed(0))
+    assert cls.shape == (500, 8)
+    assert torch.all(cls[:, 2:] != labels.unsqueeze(1))
+    assert torch.all(valid[:, :2])
+    for row, ok in zip(cls.tolist(), valid.tolist()):
+        seen = set()
+        for c, v in zip(row, ok):
+            assert v == (c not in seen)
+            seen.add(c)
+    # Uniform over the other 9 classes: every class shows up as a negative.
+    assert set(cls[:, 2:].reshape(-1).tolist()) == set(range(10))

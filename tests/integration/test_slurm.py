@@ -1,0 +1,112 @@
+"""The sbatch scripts on a real local Slurm cluster (scripts/local_slurm.sh): preparation with
+srun, training with srun and mpirun, and a requeue on USR1 that resumes from the checkpoint.
+
+The cluster is one node with the machine's cores; each job asks for 2 tasks, so jobs run one
+after another. `sbatch --wait` blocks until the job (and any requeued run of it) has ended.
+"""
+import json
+import math
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.conftest import IMAGE_CLASSES, IMAGE_SIZE
+from tests.integration.launch import REPO
+from tests.integration.test_build_shards import shard_entries, skipped_rows
+
+TRAIN = ["configs/images.yaml", "--set", "train.batch_size=4", "--set", "train.eval_batch_size=8",
+         "--set", "train.log_every=1"]
+
+
+def wait_for(what, condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def prepared(slurm_cluster, image_folder, tmp_path_factory):
+    """The image folder converted by `sbatch --wait slurm/prep.sbatch` on 2 tasks (srun)."""
+    work = tmp_path_factory.mktemp("slurm_prep")
+    out, log = work / "dataset", work / "prep.log"
+    proc = slurm_cluster("sbatch", "--wait", f"--output={log}", "--ntasks-per-node=2",
+                         "slurm/prep.sbatch", "--input", str(image_folder), "--out", str(out),
+                         "--image-size", str(IMAGE_SIZE), "--shard-size", "8", timeout=300)
+    return out, log, proc
+
+
+def test_prep_job_builds_the_same_dataset_as_one_process(prepared, image_dataset):
+    out, log, proc = prepared
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, proc.stderr + text[-3000:]
+    assert "2 task(s), launcher srun" in text and "build_shards (rank 0 of 2)" in text, text
+    assert f"wrote {out}: images [{IMAGE_SIZE}, {IMAGE_SIZE}, 3] uint8" in text, text
+    reference, _ = image_dataset
+    assert shard_entries(out) == shard_entries(reference)
+    assert len(skipped_rows(out)) == 1 + 3
+
+
+def test_train_job_trains_on_the_prepared_shards(slurm_cluster, prepared, tmp_path):
+    data, _, _ = prepared
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    proc = slurm_cluster("sbatch", "--wait", f"--output={log}", "slurm/train.sbatch", *TRAIN,
+                         "--set", f"data.path={data}", "--set", f"out_dir={run_dir}",
+                         "--set", "train.steps=6", "--set", "train.checkpoint_every=3",
+                         "--set", "softmax.mode=full", timeout=300)
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, proc.stderr + text[-3000:]
+    assert "launcher srun" in text and "--resume" in text, text
+    assert "no complete checkpoint" in text and "final top-1" in text, text
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert (run_dir / "checkpoints/step-00000006/manifest.json").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["world_size"] == 2
+    assert summary["num_classes"] == IMAGE_CLASSES and summary["resumed_from"] is None
+
+
+def test_usr1_requeues_the_train_job_which_resumes_from_its_checkpoint(slurm_cluster, prepared,
+                                                                       tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit) requeues
+    the job; the second run continues from the newest checkpoint. Launched with mpirun."""
+    data, _, _ = prepared
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    steps = 40
+    env = dict(slurm_cluster.env, LAUNCHER="mpirun")
+    submit = subprocess.Popen(
+        ["sbatch", "--wait", "--parsable", f"--output={log}", "slurm/train.sbatch", *TRAIN,
+         "--set", f"data.path={data}", "--set", f"out_dir={run_dir}", "--set",
+         f"train.steps={steps}", "--set", "train.checkpoint_every=4", "--set",
+         "softmax.mode=sampled"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        job = submit.stdout.readline().strip().split(";")[0]
+        assert job.isdigit(), submit.stderr.read() if submit.poll() is not None else job
+        wait_for("the first checkpoint", lambda: (run_dir / "checkpoints/step-00000004/"
+                                                  "manifest.json").exists(), 180)
+        signal = slurm_cluster("scancel", "--signal=USR1", "--batch", job)
+        assert signal.returncode == 0, signal.stderr
+        # Slurm holds a requeued job for its credential lifetime (cred_expire, 120 s by default)
+        # before it may start again; release it now.
+        wait_for("the requeued job to wait for its begin time", lambda: slurm_cluster(
+            "squeue", "-h", "-j", job, "-o", "%T %r").stdout.split() == ["PENDING", "BeginTime"],
+            60)
+        release = slurm_cluster("scontrol", "update", f"JobId={job}", "StartTime=now")
+        assert release.returncode == 0, release.stderr
+        assert submit.wait(timeout=300) == 0, submit.stderr.read()
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    text = log.read_text()
+    assert "restart 0" in text and "USR1: requeueing job" in text and "restart 1" in text, text
+    assert "launcher mpirun" in text, text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    resumed_step = int(summary["resumed_from"].rsplit("-", 1)[1])
+    assert 4 <= resumed_step < steps and resumed_step % 4 == 0, summary["resumed_from"]
+    assert f"resuming from {summary['resumed_from']}" in text, text
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
