@@ -26,14 +26,18 @@ _INIT_BLOCK = 8192
 
 
 def init_rows(seed: int, start: int, stop: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Initial weight rows [start, stop): N(0, 1/D), independent of the partition."""
-    out = np.empty((stop - start, dim), dtype=np.float64)
+    """Initial weight rows [start, stop): N(0, 1/D), independent of the partition. Generated
+    block by block in the target precision, so 10^7 rows need no float64 temporary."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    out = np.empty((stop - start, dim), dtype=np_dtype)
     for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1 if stop > start else 0):
         lo, hi = block * _INIT_BLOCK, (block + 1) * _INIT_BLOCK
-        rows = np.random.default_rng([seed, 0xC1A55, block]).standard_normal((_INIT_BLOCK, dim))
+        rows = np.random.default_rng([seed, 0xC1A55, block]).standard_normal(
+            (_INIT_BLOCK, dim), dtype=np_dtype)
         a, z = max(lo, start), min(hi, stop)
         out[a - start:z - start] = rows[a - lo:z - lo]
-    return torch.from_numpy(out / math.sqrt(dim)).to(dtype)
+    out *= np_dtype(1.0 / math.sqrt(dim))
+    return torch.from_numpy(out).to(dtype)
 
 
 class RowSGD:
@@ -57,11 +61,14 @@ class RowSGD:
             self.momentum_cD.mul_(self.mu).add_(grad_rD)
             self.weight_cD.add_(self.momentum_cD, alpha=-lr)
             return
-        weight_rD = self.weight_cD[rows_r]
-        g_rD = grad_rD + self.wd * weight_rD if self.wd else grad_rD
-        m_rD = self.momentum_cD[rows_r].mul_(self.mu).add_(g_rD)
-        self.momentum_cD[rows_r] = m_rD
-        self.weight_cD[rows_r] = weight_rD - lr * m_rD
+        # index_select / index_copy_: about 3x faster on CPU than advanced-index assignment.
+        weight_rD = self.weight_cD.index_select(0, rows_r)
+        m_rD = self.momentum_cD.index_select(0, rows_r).mul_(self.mu).add_(grad_rD)
+        if self.wd:
+            m_rD.add_(weight_rD, alpha=self.wd)
+        weight_rD.sub_(m_rD, alpha=lr)
+        self.momentum_cD.index_copy_(0, rows_r, m_rD)
+        self.weight_cD.index_copy_(0, rows_r, weight_rD)
 
 
 class ShardedClassifier:

@@ -22,6 +22,7 @@ from app import checkpoint, data_parallel
 from app.backbones import augment_images
 from app.config import Config, config_hash, config_to_yaml
 from app.evaluate import as_input, evaluate
+from app.knn_state import KnnGraphs, initial_rows
 from app.model import build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
 from app.schedule import LRSchedule
@@ -33,10 +34,11 @@ class RunPlan:
     """Numbers derived once from the config, the dataset and the world; logged in one line."""
 
     world_size: int
+    mode: str
     global_batch: int
     num_classes: int
     classes_per_rank: tuple[int, int]
-    rows_per_step: int          # classifier rows scored per sample on this rank's shard
+    rows_per_step: int          # classes scored per sample: per shard (full, sampled), or in all (knn)
     steps: int
     steps_per_epoch: int
     feature_bytes_per_step: int  # gathered features + labels sent by one rank per step
@@ -44,8 +46,8 @@ class RunPlan:
     def describe(self) -> str:
         lo, hi = self.classes_per_rank
         return (f"plan: {self.world_size} ranks, global batch {self.global_batch}, "
-                f"{self.num_classes} classes ({lo}-{hi} per rank, {self.rows_per_step} scored "
-                f"per sample per shard), {self.steps} steps = "
+                f"{self.num_classes} classes ({lo}-{hi} per rank), {self.rows_per_step} scored "
+                f"per sample{' per shard' if self.mode != 'knn' else ''}, {self.steps} steps = "
                 f"{self.steps / self.steps_per_epoch:.2f} epochs, "
                 f"~{self.feature_bytes_per_step / 2**20:.2f} MiB features out per rank per step")
 
@@ -53,10 +55,15 @@ class RunPlan:
 def make_plan(world, cfg: Config, reader: ShardedReader) -> RunPlan:
     counts = class_counts(reader.num_classes, world.size)
     local = counts[world.rank]
-    rows = local if cfg.softmax.mode == "full" else math.ceil(cfg.softmax.sample_rate * local)
+    if cfg.softmax.mode == "knn":  # a sample's active classes, over all shards
+        rows = min(cfg.softmax.k, reader.num_classes) + cfg.softmax.random_negatives
+    elif cfg.softmax.mode == "sampled":
+        rows = math.ceil(cfg.softmax.sample_rate * local)
+    else:
+        rows = local
     itemsize = 8 if cfg.train.dtype == "float64" else 4
     feat_bytes = cfg.train.batch_size * (cfg.model.embedding_dim * itemsize + 8) * (world.size - 1)
-    return RunPlan(world.size, world.size * cfg.train.batch_size, reader.num_classes,
+    return RunPlan(world.size, cfg.softmax.mode, world.size * cfg.train.batch_size, reader.num_classes,
                    (min(counts), max(counts)), rows, cfg.train.steps, reader.batches_per_epoch,
                    feat_bytes)
 
@@ -65,9 +72,6 @@ class Trainer:
     """One training run in `cfg.out_dir`; see the module docstring."""
 
     def __init__(self, world, cfg: Config, resume: bool, log):
-        if cfg.softmax.mode == "knn":
-            raise ValueError("softmax.mode: 'knn' is not available yet in this version; use "
-                             "full or sampled")
         self.world, self.cfg, self.log = world, cfg, log
         self.run_dir = Path(cfg.out_dir)
         self.start_step = 0
@@ -83,6 +87,11 @@ class Trainer:
         self.optimizer = data_parallel.build_backbone_optimizer(world, self.backbone, cfg.optim)
         self.schedule = LRSchedule(cfg.optim.lr, cfg.schedule, cfg.train.steps)
         self.classifier_lr_ratio = (cfg.optim.classifier_lr or cfg.optim.lr) / cfg.optim.lr
+        self.graphs = None
+        if cfg.softmax.mode == "knn":
+            self.graphs = KnnGraphs(world, cfg.knn, cfg.softmax.k, self.run_dir,
+                                    self.reader.num_classes, cfg.seed,
+                                    cfg.train.keep_checkpoints, log)
         self.resumed_from = self._load_checkpoint() if resume else None
 
     # -- set-up (no communication) ------------------------------------------------------------
@@ -107,6 +116,10 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
         self.reader.load_state_dict(manifest["data_position"])
         self.start_step = int(manifest["step"])
+        if self.graphs is not None and not self.graphs.load_state_dict(state.get("knn"),
+                                                                        self.classifier):
+            self.log.warning("the KNN graph of %s is gone; rebuilding it from the weights",
+                             directory)
         if manifest["config_hash"] != config_hash(self.cfg):
             self.log.warning("resuming %s with a changed config (hash %s, was %s)", directory,
                              config_hash(self.cfg), manifest["config_hash"])
@@ -141,6 +154,15 @@ class Trainer:
         evals = JsonLines(self.run_dir / "eval.jsonl", world.is_root)
         grad_bytes = data_parallel.gradient_bytes(world, self.backbone)
         window = _Window()
+        if self.graphs is not None and self.classifier.graph is None:
+            rows = None
+            if self.start_step == 0:
+                rows = initial_rows(world, cfg, self.backbone, self.classifier, self.dtype)
+            else:  # resumed, but the graph file was lost
+                rows = self.classifier.weight_cD
+            window.knn_build_s += self.graphs.build(self.start_step, self.classifier, rows,
+                                                    "initial" if self.start_step == 0
+                                                    else "rebuilt")
         world.traffic.reset()
         bar = progress_bar(world, cfg.train.steps, self.start_step, f"train {cfg.softmax.mode}")
         last_eval, loss_value = None, float("nan")
@@ -148,6 +170,10 @@ class Trainer:
         for step in range(self.start_step, cfg.train.steps):
             if step == cfg.train.crash_at_step:
                 raise RuntimeError(f"train.crash_at_step={step}: injected failure")
+            if self.graphs is not None and self.graphs.due(step):
+                # Synchronous refresh at a step boundary: the next step uses the new graph.
+                window.knn_build_s += self.graphs.build(step, self.classifier,
+                                                        self.classifier.weight_cD, "refresh")
             t0 = time.perf_counter()
             lr = self.schedule(step)
             loss, rows, hvd_wait = self._step(step, lr)
@@ -217,7 +243,8 @@ class Trainer:
     def _save(self, step: int) -> None:
         state = {"step": step, "backbone": self.backbone.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
-                 "schedule": self.schedule.state_dict(), "rng": checkpoint.rng_state()}
+                 "schedule": self.schedule.state_dict(), "rng": checkpoint.rng_state(),
+                 "knn": self.graphs.state_dict() if self.graphs is not None else None}
         path = checkpoint.save(self.world, self.run_dir, step, self.classifier, state,
                                self.reader.state_dict(), config_hash(self.cfg),
                                self.cfg.train.keep_checkpoints)
@@ -229,6 +256,7 @@ class _Window:
 
     def __init__(self):
         self.steps, self.seconds, self.loss, self.rows, self.hvd_wait = 0, 0.0, 0.0, 0, 0.0
+        self.knn_build_s = 0.0
 
     def add(self, seconds: float, loss: float, rows: int, hvd_wait: float) -> None:
         self.steps += 1
@@ -247,6 +275,7 @@ class _Window:
             "step_time_s": self.seconds / n, "comm_time_s": (comm_s + self.hvd_wait) / n,
             "bytes_sent": sent // n + grad_bytes, "grad_bytes_sent": grad_bytes,
             "rows_updated": self.rows // n, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "knn_build_s": self.knn_build_s,
         }
         self.__init__()
         return record
