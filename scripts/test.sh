@@ -16,7 +16,7 @@ echo "== unit and integration tests (one process; integration tests launch real 
 for np in 2 3 4; do
     echo "== MPI tests: mpirun -np $np"
     # timeout: a rank stuck outside pytest's own per-test timeout cannot hang CI.
-    timeout 900 "${MPIRUN[@]}" -np "$np" "$PY" -m pytest tests/mpi -q --color=no --timeout 120 "$@" \
+    timeout 900 "${MPIRUN[@]}" -np "$np" "$PY" -m pytest tests/mpi --color=no --timeout 120 "$@" \
         || failed+=("mpi-np$np")
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -124,3 +124,33 @@ def test_evaluate_cli_matches_training_eval_on_another_world_size(vectors_datase
     missing = run(mpirun_cmd(2, "-m", "app.evaluate", "--run", str(tmp_path / "nope")),
                   timeout=120)
     assert missing.returncode == 2 and "error: " in missing.stderr
+
+
+def test_knn_mode_trains_refreshes_and_resumes(vectors_dataset, tmp_path):
+    import h5py
+    import numpy as np
+
+    knn = ["softmax.mode=knn", "softmax.k=8", "softmax.random_negatives=4",
+           "knn.refresh_every=5", "knn.index=flat", "knn.init=centres"]
+    whole = train(2, vectors_dataset, tmp_path / "whole", 12, 24, *knn)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    trace = losses(tmp_path / "whole")
+    assert trace[-1][1] < trace[0][1]
+    graphs = sorted((tmp_path / "whole/knn").glob("graph-step-*.h5"))
+    assert [g.name for g in graphs] == ["graph-step-00000000.h5", "graph-step-00000005.h5",
+                                        "graph-step-00000010.h5"]
+    with h5py.File(graphs[0]) as first, h5py.File(graphs[-1]) as last:
+        assert first.attrs["num_classes"] == 60 and first["neighbors"].shape == (60, 8)
+        assert np.array_equal(first["neighbors"][:, 0], np.arange(60))
+        # Training moved the weights, so the refreshed graph differs from the initial one.
+        assert not np.array_equal(first["neighbors"][:], last["neighbors"][:])
+    metrics = [json.loads(x) for x in (tmp_path / "whole/metrics.jsonl").read_text().splitlines()]
+    assert sum(m["knn_build_s"] > 0 for m in metrics) == 3
+
+    crashed = train(2, vectors_dataset, tmp_path / "crash", 12, 24, *knn,
+                    "train.checkpoint_every=7", "train.crash_at_step=9")
+    assert crashed.returncode != 0
+    resumed = train(3, vectors_dataset, tmp_path / "crash", 12, 16, *knn,
+                    "train.checkpoint_every=7", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_traces_equal(losses(tmp_path / "crash"), trace)

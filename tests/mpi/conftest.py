@@ -43,3 +43,9 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session, exitstatus):
     if _WORLD is not None:
         _WORLD.shutdown()
+
+
+def pytest_report_header(config):
+    world = _world()
+    return (f"MPI tests on {world.size} ranks (this is rank {world.rank}), "
+            f"{world.threads} torch threads per rank, Horovod {'on' if world.hvd else 'off'}")
