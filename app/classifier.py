@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from app.knn_softmax import active_classes, assemble, make_plan, pair_similarities
-from app.softmax import (ShardColumns, apply_margin, class_logits, full_columns,
+from app.softmax import (ShardColumns, apply_margin_, class_logits, full_columns,
                          sampled_columns, sharded_cross_entropy)
 from mpi import collectives
 from mpi.autograd import exchange_rows, gather_rows
@@ -137,9 +137,9 @@ class ShardedClassifier:
             weight_leaf = self.weight_cD.detach().requires_grad_()
         else:
             weight_leaf = self.weight_cD[cols.rows_c].requires_grad_()
-        sim_Nc = class_logits(feat_ND, weight_leaf, self.cfg.logit)
-        logits_Nc = apply_margin(sim_Nc, cols.target_N, self.cfg.logit, self.cfg.scale,
-                                 self.cfg.margin, self.cfg.margin_type)
+        logits_Nc = class_logits(feat_ND, weight_leaf, self.cfg.logit, self.cfg.scale)
+        apply_margin_(logits_Nc, cols.target_N, self.cfg.logit, self.cfg.scale, self.cfg.margin,
+                      self.cfg.margin_type)
         loss = sharded_cross_entropy(self.world, logits_Nc, cols.target_N).mean()
         self._pending = (cols.rows_c, weight_leaf)
         return loss, loss.detach()
@@ -161,8 +161,9 @@ class ShardedClassifier:
                                  plan.recv_counts).squeeze(1)
         sim_bA = assemble(sim_recv, plan, per_rank)
         target_b = torch.zeros(per_rank, dtype=torch.int64)  # column 0 is the label
-        logits_bA = apply_margin(sim_bA, target_b, self.cfg.logit, self.cfg.scale,
-                                 self.cfg.margin, self.cfg.margin_type)
+        logits_bA = sim_bA * self.cfg.scale if self.cfg.logit == "cosine" else sim_bA
+        apply_margin_(logits_bA, target_b, self.cfg.logit, self.cfg.scale, self.cfg.margin,
+                      self.cfg.margin_type)
         lo = self.world.rank * per_rank
         logits_bA = logits_bA.masked_fill(~valid_NA[lo:lo + per_rank], -torch.inf)
         loss_sum = F.cross_entropy(logits_bA, target_b, reduction="sum")

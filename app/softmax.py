@@ -23,34 +23,34 @@ import torch.nn.functional as F
 from mpi import collectives
 
 
-def class_logits(feat_ND: torch.Tensor, weight_cD: torch.Tensor, logit: str) -> torch.Tensor:
-    """Raw similarities: cosine of normalised feature and weight rows, or the dot product."""
+def class_logits(feat_ND: torch.Tensor, weight_cD: torch.Tensor, logit: str,
+                 scale: float = 1.0) -> torch.Tensor:
+    """Logits before the margin: `scale` x cosine of normalised feature and weight rows (the
+    scale is applied to the N x D features, not to the N x c product), or the plain dot product
+    (`scale` unused)."""
     if logit == "cosine":
-        return F.normalize(feat_ND, dim=1) @ F.normalize(weight_cD, dim=1).t()
+        return (F.normalize(feat_ND, dim=1) * scale) @ F.normalize(weight_cD, dim=1).t()
     return feat_ND @ weight_cD.t()
 
 
-def apply_margin(sim_Nc: torch.Tensor, target_N: torch.Tensor, logit: str, scale: float,
-                 margin: float, margin_type: str) -> torch.Tensor:
-    """Logits from similarities: cosine logits are scaled by `scale` with the additive margin on
-    the positive (CosFace: s*(cos - m); ArcFace: s*cos(theta + m)); dot logits are returned as
-    they are. `target_N` holds each sample's positive column in `sim_Nc`, or -1 where the positive
-    is not among these columns."""
-    if logit != "cosine":
-        return sim_Nc
-    if margin == 0.0:
-        return scale * sim_Nc
+def apply_margin_(logits_Nc: torch.Tensor, target_N: torch.Tensor, logit: str, scale: float,
+                  margin: float, margin_type: str) -> torch.Tensor:
+    """Additive margin on the positive logit, IN PLACE on the scaled cosine logits of
+    `class_logits` (CosFace: s*(cos - m); ArcFace: s*cos(theta + m)); dot logits and a zero
+    margin are left as they are. `target_N` holds each sample's positive column, or -1 where the
+    positive is not among these columns. In place is safe for autograd here: the matmul that
+    produced the logits keeps its inputs, not its output."""
+    if logit != "cosine" or margin == 0.0:
+        return logits_Nc
     rows = torch.nonzero(target_N >= 0).squeeze(1)
     cols = target_N[rows]
-    pos = sim_Nc[rows, cols]
     if margin_type == "arcface":
-        # cos(theta + m); clamp keeps acos differentiable at |cos| = 1.
-        theta = torch.acos(pos.clamp(-1 + 1e-7, 1 - 1e-7))
-        new_pos = torch.cos(theta + margin)
+        # cos(theta + m); the clamp keeps acos differentiable at |cos| = 1.
+        cos_pos = (logits_Nc[rows, cols] / scale).clamp(-1 + 1e-7, 1 - 1e-7)
+        new_pos = scale * torch.cos(torch.acos(cos_pos) + margin)
     else:
-        new_pos = pos - margin
-    out = sim_Nc.index_put((rows, cols), new_pos)
-    return scale * out
+        new_pos = logits_Nc[rows, cols] - scale * margin
+    return logits_Nc.index_put_((rows, cols), new_pos)
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):
@@ -67,7 +67,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         else:
             local_max_N = torch.full((num_rows,), -math.inf, dtype=logits_Nc.dtype)
         max_N = collectives.allreduce(world, local_max_N, "max")
-        exp_Nc = torch.exp(logits_Nc - max_N.unsqueeze(1))
+        exp_Nc = (logits_Nc - max_N.unsqueeze(1)).exp_()
         owned = target_N >= 0
         pos_N = torch.zeros(num_rows, dtype=logits_Nc.dtype)
         pos_N[owned] = logits_Nc[owned, target_N[owned]]
@@ -80,9 +80,12 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         return loss_N
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_N):
         softmax_Nc, target_N = ctx.saved_tensors
-        grad_Nc = softmax_Nc * grad_N.unsqueeze(1)
+        # The saved softmax becomes the gradient in place: backward runs once per step, and an
+        # N x c buffer less matters at millions of classes.
+        grad_Nc = softmax_Nc.mul_(grad_N.unsqueeze(1))
         owned = torch.nonzero(target_N >= 0).squeeze(1)
         grad_Nc[owned, target_N[owned]] -= grad_N[owned]
         return grad_Nc, None, None

@@ -3,7 +3,20 @@ in float64. Shared by the unit tests (1 rank) and the MPI tests (2-4 ranks)."""
 import torch
 import torch.nn.functional as F
 
-from app.softmax import apply_margin, class_logits
+
+
+def reference_logits(feat, weight, target, cfg):
+    """Logits written out from the formulas, independently of app/softmax.py: s * cos with the
+    CosFace (cos - m) or ArcFace cos(theta + m) margin on the target column; or feat . w."""
+    if cfg.logit != "cosine":
+        return feat @ weight.t()
+    cos = F.normalize(feat, dim=1) @ F.normalize(weight, dim=1).t()
+    onehot = F.one_hot(target, cos.shape[1]).bool()
+    if cfg.margin_type == "arcface":
+        with_margin = torch.cos(torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7)) + cfg.margin)
+    else:
+        with_margin = cos - cfg.margin
+    return cfg.scale * torch.where(onehot, with_margin, cos)
 
 
 def make_problem(seed: int, num_ranks: int, per_rank: int, num_classes: int, dim: int):
@@ -20,9 +33,7 @@ def dense_reference(feat, labels, weight, softmax_cfg):
     """(loss, d loss / d feat, d loss / d W) of the global-batch mean cross-entropy."""
     feat = feat.clone().requires_grad_()
     weight = weight.clone().requires_grad_()
-    sim = class_logits(feat, weight, softmax_cfg.logit)
-    logits = apply_margin(sim, labels, softmax_cfg.logit, softmax_cfg.scale, softmax_cfg.margin,
-                          softmax_cfg.margin_type)
+    logits = reference_logits(feat, weight, labels, softmax_cfg)
     loss = F.cross_entropy(logits, labels)
     loss.backward()
     return loss.detach(), feat.grad, weight.grad
@@ -100,11 +111,10 @@ def knn_reference(feat, labels, weight, cls_NA, valid_NA, softmax_cfg):
     active classes (label first). Returns (loss, d feat, d W)."""
     feat = feat.clone().requires_grad_()
     weight = weight.clone().requires_grad_()
-    sim = class_logits(feat, weight, softmax_cfg.logit)          # N x C
-    sim_NA = torch.gather(sim, 1, cls_NA)
     target = torch.zeros(len(labels), dtype=torch.int64)
-    logits = apply_margin(sim_NA, target, softmax_cfg.logit, softmax_cfg.scale,
-                          softmax_cfg.margin, softmax_cfg.margin_type)
+    # Per sample, the logits against its own active classes (column 0 = label).
+    logits = torch.stack([reference_logits(feat[i:i + 1], weight[cls_NA[i]], target[i:i + 1],
+                                           softmax_cfg)[0] for i in range(len(labels))])
     logits = logits.masked_fill(~valid_NA, -torch.inf)
     loss = F.cross_entropy(logits, target)
     loss.backward()

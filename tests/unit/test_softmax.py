@@ -46,8 +46,7 @@ def test_sampled_rows_match_reference_on_the_sampled_subset():
 
     from app.classifier import ShardedClassifier
     from app.config import OptimConfig
-    from app.softmax import apply_margin, class_logits
-    from tests.softmax_reference import make_problem
+    from tests.softmax_reference import make_problem, reference_logits
 
     cfg = SoftmaxConfig(mode="sampled", sample_rate=0.3, logit="cosine", scale=8.0, margin=0.1)
     feat, labels, weight = make_problem(1, 1, 8, 40, 6)
@@ -61,8 +60,7 @@ def test_sampled_rows_match_reference_on_the_sampled_subset():
     sub_w = weight[rows].clone().requires_grad_()
     sub_feat = feat.clone().requires_grad_()
     target = torch.searchsorted(rows, labels)
-    logits = apply_margin(class_logits(sub_feat, sub_w, "cosine"), target, "cosine", 8.0, 0.1,
-                          "cosface")
+    logits = reference_logits(sub_feat, sub_w, target, cfg)
     ref = F.cross_entropy(logits, target)
     ref.backward()
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-6, atol=1e-12)

@@ -1,0 +1,176 @@
+"""`mpirun -np 2 python -m app.bench graph [options]`: KNN graph build time and recall_at_k on
+synthetic clustered classifier weights, per index setting; JSON and PNG to docs/results/.
+
+The weights imitate a trained classifier of confusable products: classes come in families of
+`--family` (16) whose rows are a shared random family centre plus a small per-class offset,
+`row = centre + spread * N(0, I/D)`, normalised (cosine between two classes of a family about
+1 / (1 + spread^2) = 0.64 at spread 0.75, between unrelated classes about N(0, 1/D)). Which
+classes form a family is a random permutation, so families straddle ranks, as products of one
+kind would in a real catalogue. Every rank generates only its own rows, the same for any number
+of ranks (`clustered_weights`).
+
+Timing: `seconds` is the wall time of `build_graph` on the slowest rank, `cpu_seconds` the CPU
+time of that rank's process over the build (the machine may be shared: on a loaded machine
+wall time exceeds CPU time by the share other processes took). Recall is measured on 1000
+sampled classes by distributed exact search (app/knn_graph.py, `recall_at_k`).
+
+Legend: c = this rank's classes, D = embedding dim, f = families.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+_BLOCK = 8192  # rows (and family centres) drawn per keyed RNG block: partition-independent
+
+
+def clustered_weights(num_classes: int, dim: int, start: int, stop: int, family: int = 16,
+                      spread: float = 0.75, seed: int = 0) -> np.ndarray:
+    """Rows [start, stop) (float32, unit norm) of the synthetic clustered classifier above; the
+    same rows whatever the partition."""
+    family_of = np.random.default_rng([seed, 1]).permutation(num_classes)[start:stop] // family
+    num_families = math.ceil(num_classes / family)
+    centres_fD = np.empty((num_families, dim), dtype=np.float64)
+    for block in range(math.ceil(num_families / _BLOCK)):
+        lo, hi = block * _BLOCK, min((block + 1) * _BLOCK, num_families)
+        centres_fD[lo:hi] = np.random.default_rng([seed, 2, block]).standard_normal((hi - lo, dim))
+    centres_fD /= np.linalg.norm(centres_fD, axis=1, keepdims=True)
+    rows_cD = centres_fD[family_of]
+    for block in range(start // _BLOCK, math.ceil(stop / _BLOCK)):
+        lo, hi = block * _BLOCK, (block + 1) * _BLOCK
+        noise = np.random.default_rng([seed, 3, block]).standard_normal((_BLOCK, dim))
+        a, z = max(lo, start), min(hi, stop)
+        rows_cD[a - start:z - start] += spread / math.sqrt(dim) * noise[a - lo:z - lo]
+    rows_cD /= np.linalg.norm(rows_cD, axis=1, keepdims=True)
+    return rows_cD.astype(np.float32)
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m app.bench graph", description=__doc__.split("\n\n")[0])
+    p.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--k", type=int, default=64, help="neighbours per class (default: 64)")
+    p.add_argument("--family", type=int, default=16)
+    p.add_argument("--spread", type=float, default=0.75)
+    p.add_argument("--settings", nargs="+", default=["auto", "ivf:nprobe=4", "hnsw"],
+                   help="index settings: INDEX[:nprobe=N][:refine=R] (default: %(default)s)")
+    p.add_argument("--max-slow-classes", type=int, default=100_000,
+                   help="run settings other than auto only up to this many classes "
+                        "(default: %(default)s)")
+    p.add_argument("--target-seconds", type=float, default=90.0)
+    p.add_argument("--target-recall", type=float, default=0.9)
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="knn_graph")
+    return p.parse_args(argv)
+
+
+def _setting(text: str) -> dict:
+    index, *opts = text.split(":")
+    out = {"index": index, "nprobe": 16, "refine": None}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key not in ("nprobe", "refine"):
+            raise ValueError(f"--settings {text!r}: unknown option {key!r}")
+        out[key] = int(value)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mpi import collectives  # noqa: PLC0415
+    from mpi.partition import class_range  # noqa: PLC0415
+    from mpi.world import init_world  # noqa: PLC0415
+    from app import knn_graph  # noqa: PLC0415
+    from app.runlog import init_logging  # noqa: PLC0415
+
+    world = init_world(use_horovod=False)
+    init_logging(world)
+    settings = [_setting(s) for s in args.settings]
+    runs = []
+    for num_classes in args.classes:
+        start, stop = class_range(num_classes, world.rank, world.size)
+        rows_cD = clustered_weights(num_classes, args.dim, start, stop, args.family, args.spread,
+                                    args.seed)
+        for text, setting in zip(args.settings, settings):
+            if setting["index"] != "auto" and num_classes > args.max_slow_classes:
+                continue
+            world.barrier()
+            cpu0 = time.process_time()
+            graph = knn_graph.build_graph(world, rows_cD, start, num_classes, args.k,
+                                          setting["index"], setting["nprobe"], args.seed,
+                                          refine=setting["refine"])
+            cpu = time.process_time() - cpu0
+            recall = knn_graph.recall_at_k(world, rows_cD, start, num_classes, graph,
+                                           args.samples, args.seed)
+            times = collectives.allgather_object(world, (graph.seconds, cpu))
+            run = {"classes": num_classes, "setting": text, "index": graph.index,
+                   "detail": graph.detail, "seconds": max(t for t, _ in times),
+                   "cpu_seconds": max(c for _, c in times), "recall_at_k": recall}
+            runs.append(run)
+            if world.is_root:
+                print(f"C={num_classes:>9} {text:>16}: {run['seconds']:7.1f}s wall "
+                      f"{run['cpu_seconds']:7.1f}s cpu  recall@{min(10, args.k)} {recall:.3f}  "
+                      f"({graph.detail})", flush=True)
+    if world.is_root:
+        _write(args, world, runs)
+    return 0
+
+
+def _write(args, world, runs: list) -> None:
+    command = (f"mpirun -np {world.size} python -m app.bench graph "
+               + " ".join(map(shlex.quote, sys.argv[2:] if sys.argv[1:2] == ["graph"]
+                              else sys.argv[1:])))
+    target = [r for r in runs if r["classes"] == 1_000_000 and r["setting"] == "auto"]
+    result = {
+        "command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "ranks": world.size, "threads_per_rank": world.threads, "cpu_count": os.cpu_count(),
+        "load_average_at_end": list(os.getloadavg()),
+        "data": {"dim": args.dim, "family": args.family, "spread": args.spread, "k": args.k,
+                 "seed": args.seed},
+        "target": {"classes": 1_000_000, "seconds": args.target_seconds,
+                   "recall_at_k": args.target_recall,
+                   "met": bool(target) and all(r["seconds"] <= args.target_seconds
+                                               and r["recall_at_k"] >= args.target_recall
+                                               for r in target)},
+        "runs": runs,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{args.name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for setting in dict.fromkeys(r["setting"] for r in runs):
+        pts = [r for r in runs if r["setting"] == setting]
+        ax.scatter([r["seconds"] for r in pts], [r["recall_at_k"] for r in pts], label=setting)
+        for r in pts:
+            ax.annotate(f"C={r['classes']:,}", (r["seconds"], r["recall_at_k"]), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+    ax.axhline(args.target_recall, color="grey", lw=0.8, ls="--")
+    ax.axvline(args.target_seconds, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"build wall seconds ({world.size} ranks x {world.threads} threads)")
+    ax.set_ylabel(f"recall@{min(10, args.k)}")
+    ax.set_title(f"KNN graph, K={args.k}, D={args.dim}, families of {args.family} "
+                 f"(spread {args.spread})")
+    ax.legend(fontsize=8)
+    fig.savefig(path.with_suffix(".png"), dpi=110, bbox_inches="tight")
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,920 @@
+"""The KNN graph of the classes: for every class c, its K nearest classes by cosine of the
+normalised classifier rows, column 0 being c itself (DESIGN.md sections 2 and 4).
+
+`python -m app.knn_graph --run RUN_DIR --k K` (under mpirun, any number of ranks) builds the graph
+of the newest complete checkpoint of a run and writes `RUN_DIR/knn/graph-step-NNNNNNNN.h5`.
+
+Distributed build (`build_graph`). Rank r holds only its rows [start, stop) of W and indexes only
+those (faiss: `flat` IndexFlatIP, `ivf` IndexIVFFlat, `hnsw` IndexHNSWFlat, all inner product on
+L2-normalised rows, i.e. cosine). The query blocks (rank r's own normalised rows, in chunks) then
+travel around the ring of ranks with mpi4py Sendrecv (r sends to r+1, receives from r-1), each
+carrying its partial top-K (scores and global ids); every rank searches the visiting block in its
+own index and merges. After P-1 hops every block has visited every index; one last hop carries
+only the finished top-K (no vectors) home. No rank ever holds more than its own rows plus one
+travelling chunk of another rank's rows. Rows must be contiguous class ranges in rank order
+(`class_range`, or any uneven split; ranks may own no class).
+
+`auto` picks `flat` (exact) up to `FLAT_MAX_CLASSES` classes. Above, it builds a cheap IVF graph
+(few lists probed) and improves it with refinement passes: neighbours of neighbours. Each pass
+gives every class the candidates found in the rows of its first `REFINE_FORWARD` neighbours and
+of up to `REFINE_REVERSE` classes that list it among theirs (reverse edges join families that the
+IVF cells split), the first `REFINE_EXPAND` entries of each such row. Rows are fetched from their
+owners with alltoallv; the candidates not yet in the row are scored on the ring like a search
+(each rank scores those it owns, with faiss's fused gather-dot) and merged. On clustered weights
+a family split over IVF cells is rejoined within two passes (docs/results/knn_graph.json).
+
+Column 0 is forced to be the class itself (similarity = its own cosine, 1 for a non-zero row),
+followed by its K-1 nearest OTHER classes, even when another class has an identical vector. K > C
+is clamped to C with a warning. Where an approximate index found fewer than K-1 other classes
+(an IVF probe that reached too few rows), the row is completed with distinct random classes
+whose similarity is NaN (unknown); a warning counts them.
+
+recall_at_k (the file attribute `recall_at_k`, DESIGN.md section 4), our definition: for a seeded
+random sample of classes (default 1000), the exact neighbour set of class c is c itself plus its
+k10 - 1 nearest other classes by exact cosine (k10 = min(10, K)), i.e. the first k10 entries an
+exact graph row would hold; recall is |exact set ∩ graph row| / k10 averaged over the sample. The
+row is sorted by exact cosine, so this equals comparing against its first k10 entries. Column 0
+counts, so a graph that holds nothing but the class itself scores 1/k10. The exact search for the
+sample is distributed too: the sampled rows are all-gathered, each rank brute-forces them against
+its rows, and the per-rank candidates are merged.
+
+File (`write_graph`, read by `KnnGraph.open`): HDF5 with `/neighbors` int32 C x K and `/similarity`
+float16 C x K, CONTIGUOUS layout (no chunks, no filters) so that every rank memory-maps it;
+attributes `num_classes`, `k`, `metric` ("cosine"), `step`, `index`, `index_detail`,
+`recall_at_k`. No parallel HDF5: rank 0 creates the file with both datasets allocated at their
+full size and all attributes, closes it and broadcasts the datasets' byte offsets; then every
+rank writes its row block as raw little-endian bytes at `offset + start * K * itemsize` (in
+parallel; a contiguous dataset is exactly such a byte range, the same fact the memory-mapping
+reader relies on), fsyncs, and after a barrier rank 0 renames `path + ".tmp"` to `path`.
+
+Legend: c = this rank's classes (rows), D = embedding dim, K = neighbours per class (column 0 =
+the class itself), q = rows of a travelling query chunk, w = candidates per row in a refinement
+pass, s = sampled classes (recall), e = exact neighbours per sampled class (min(10, K)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpi import collectives
+
+INDEXES = ("flat", "ivf", "hnsw", "auto")
+# Exact search costs C^2 D: 20k classes x 128 dims is about 0.1 TFLOP, a few seconds on 2 cores.
+FLAT_MAX_CLASSES = 20_000
+# Query rows per travelling chunk: bounds the memory of a block (and of faiss's result heaps).
+CHUNK_ROWS = 65_536
+# faiss HNSW: links per node, candidate list while building; efSearch is max(HNSW_EF_SEARCH, K).
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 40, 64
+# IVF k-means: iterations and training rows per list (on a seeded sample of the local rows).
+IVF_NITER, IVF_TRAIN_PER_LIST = 10, 32
+# `auto` above FLAT_MAX_CLASSES: an IVF with sqrt(n) lists probed AUTO_NPROBE times gives the
+# first graph, AUTO_REFINE passes of neighbours-of-neighbours finish it (tuned on clustered
+# weights at C = 1M, see app/bench_graph.py).
+AUTO_NLIST_PER_SQRT, AUTO_NPROBE, AUTO_REFINE = 1.0, 2, 3
+REFINE_FORWARD, REFINE_REVERSE, REFINE_EXPAND = 8, 8, 8
+GRAPH_VERSION = 1
+
+log = logging.getLogger("hundredm")
+
+
+@dataclass
+class LocalGraph:
+    """This rank's rows [start, start + n) of the graph.
+
+    neighbors_ck: int32 (n, K) global class ids, column 0 = the class itself.
+    similarity_ck: float32 (n, K) cosine of each neighbour (NaN where unknown: random graphs,
+        random completion of a short row).
+    index: the index actually used (`flat`, `ivf`, `hnsw`, `random`); detail: its parameters.
+    seconds: wall time of the build on this rank.
+    """
+
+    neighbors_ck: np.ndarray
+    similarity_ck: np.ndarray
+    start: int
+    index: str
+    seconds: float = 0.0
+    detail: str = ""
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.neighbors_ck.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.neighbors_ck.shape[1]
+
+
+# -- layout: which rank holds which rows ------------------------------------------------------
+
+class _Layout:
+    """Row ranges of all ranks, learnt from one allgather and validated identically everywhere."""
+
+    def __init__(self, world, start: int, num_rows: int, num_classes: int):
+        spans = collectives.allgather_object(world, (int(start), int(num_rows)))
+        self.starts = np.array([s for s, _ in spans] + [num_classes], dtype=np.int64)
+        self.counts = [n for _, n in spans]
+        expect = 0
+        for r, (s, n) in enumerate(spans):
+            if s != expect or n < 0:
+                raise ValueError(
+                    f"knn graph: rank {r} holds rows [{s}, {s + n}) but the ranks' rows must be "
+                    f"contiguous class ranges in rank order; the next row expected was {expect}")
+            expect = s + n
+        if expect != num_classes:
+            raise ValueError(f"knn graph: the ranks hold {expect} rows in all but "
+                             f"num_classes={num_classes}")
+
+    def owner(self, ids: np.ndarray) -> np.ndarray:
+        """Rank holding each global class id (ranks with no rows never own one)."""
+        return np.searchsorted(self.starts, ids, side="right") - 1
+
+
+def _rows_as_numpy(weight_cD) -> np.ndarray:
+    if isinstance(weight_cD, torch.Tensor):
+        weight_cD = weight_cD.detach().to("cpu").numpy()
+    weight_cD = np.asarray(weight_cD)
+    if weight_cD.ndim != 2 or not np.issubdtype(weight_cD.dtype, np.floating):
+        raise ValueError(f"knn graph: weight rows must be a 2-D float array, got shape "
+                         f"{weight_cD.shape} dtype {weight_cD.dtype}")
+    return weight_cD
+
+
+def _normalised(weight_cD) -> np.ndarray:
+    """float32 C-contiguous unit rows (computed in float64; a zero row stays zero)."""
+    w = _rows_as_numpy(weight_cD).astype(np.float64)
+    norm_c = np.linalg.norm(w, axis=1, keepdims=True)
+    return np.ascontiguousarray(w / np.maximum(norm_c, 1e-30), dtype=np.float32)
+
+
+def _check_args(world, weight_cD, start: int, num_classes: int, k: int) -> tuple[_Layout, int]:
+    """Collective: validate the arguments the same way on every rank; returns (layout, K)."""
+    rows = _rows_as_numpy(weight_cD)
+    if num_classes < 1 or num_classes >= 2**31:
+        raise ValueError(f"knn graph: num_classes={num_classes} must be in [1, 2^31)")
+    if k < 1:
+        raise ValueError(f"knn graph: k={k} must be >= 1")
+    dims = collectives.allgather_object(world, rows.shape[1])
+    if len(set(dims)) != 1:
+        raise ValueError(f"knn graph: ranks hold rows of different dimensions {dims}")
+    layout = _Layout(world, start, rows.shape[0], num_classes)
+    return layout, _clamp_k(k, num_classes, world.is_root)
+
+
+def _clamp_k(k: int, num_classes: int, say: bool = True) -> int:
+    if k > num_classes:
+        if say:
+            log.warning("knn graph: k=%d > %d classes; using k=%d (every class lists all "
+                        "classes)", k, num_classes, num_classes)
+        return num_classes
+    return k
+
+
+# -- faiss indexes over this rank's rows ------------------------------------------------------
+
+def _faiss(world):
+    import faiss  # noqa: PLC0415 - heavy; only where an index is built
+
+    faiss.omp_set_num_threads(max(1, int(world.threads)))
+    return faiss
+
+
+class _Searcher:
+    """A faiss index over this rank's rows; `search` returns global ids (-1: none found)."""
+
+    def __init__(self, index, start: int, num_rows: int, gpu_resources=None):
+        self.index, self.start, self.num_rows = index, start, num_rows
+        self._gpu_resources = gpu_resources  # must outlive a GPU index
+
+    def search(self, query_qD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        kk = min(k, self.num_rows)
+        score_qk, local_qk = self.index.search(query_qD, kk)
+        found = local_qk >= 0
+        score_qk = np.where(found, score_qk, -np.inf).astype(np.float32)
+        return score_qk, np.where(found, local_qk + self.start, -1)
+
+
+def _nlist_for(kind: str, num_rows: int, auto: bool) -> int:
+    if auto:
+        nlist = AUTO_NLIST_PER_SQRT * math.sqrt(num_rows)
+    else:
+        nlist = 4 * math.sqrt(num_rows)
+    return int(max(1, min(num_rows, round(nlist))))
+
+
+def _build_index(world, kind: str, x_cD: np.ndarray, start: int, k: int, nprobe: int, seed: int,
+                 auto: bool) -> tuple[_Searcher | None, str]:
+    """The local index of `kind` over this rank's normalised rows (None for a rank without rows)
+    and a one-line description of its parameters."""
+    faiss = _faiss(world)
+    num_rows, dim = x_cD.shape
+    if kind == "flat":
+        index, detail = faiss.IndexFlatIP(dim), "flat (exact inner product)"
+    elif kind == "ivf":
+        nlist = _nlist_for(kind, max(num_rows, 1), auto)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(nprobe, nlist)
+        detail = f"ivf nlist={nlist} (rank {world.rank}) nprobe={index.nprobe}"
+    else:
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+        detail = (f"hnsw M={HNSW_M} efConstruction={HNSW_EF_CONSTRUCTION} "
+                  f"efSearch={index.hnsw.efSearch}")
+    if num_rows == 0:
+        return None, detail
+    if kind == "ivf":
+        # k-means on a seeded sample: IVF_TRAIN_PER_LIST rows per list is plenty for cells
+        # whose only job is to route queries; faiss's own 39-per-list warning does not apply.
+        index.cp.niter, index.cp.seed = IVF_NITER, seed
+        index.cp.min_points_per_centroid = 1
+        index.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST
+        rng = np.random.default_rng([seed, start])
+        sample = min(num_rows, IVF_TRAIN_PER_LIST * index.nlist)
+        index.train(x_cD[np.sort(rng.choice(num_rows, sample, replace=False))])
+    index.add(x_cD)
+    return _maybe_gpu(world, faiss, kind, index, start, num_rows, k), detail
+
+
+def _maybe_gpu(world, faiss, kind: str, index, start: int, num_rows: int, k: int) -> _Searcher:
+    """Move flat and IVF indexes to this rank's GPU when faiss has GPU support and sees one
+    (faiss-gpu); faiss GPU search takes k <= 2048. HNSW stays on the CPU (no GPU HNSW)."""
+    num_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if num_gpus > 0 and hasattr(faiss, "StandardGpuResources") and kind != "hnsw" and k <= 2048:
+        resources = faiss.StandardGpuResources()
+        gpu_index = faiss.index_cpu_to_gpu(resources, world.local_rank % num_gpus, index)
+        return _Searcher(gpu_index, start, num_rows, resources)
+    return _Searcher(index, start, num_rows)
+
+
+# -- the ring ---------------------------------------------------------------------------------
+
+def _sendrecv(world, block: dict, rows: int) -> dict:
+    """Send `block` (name -> array, same names, dtypes and trailing shapes on every rank) to
+    rank r+1 and receive the next one, of `rows` rows, from rank r-1."""
+    dest, source = (world.rank + 1) % world.size, (world.rank - 1) % world.size
+    out = {}
+    for tag, name in enumerate(sorted(block)):
+        send = np.ascontiguousarray(block[name])
+        recv = np.empty((rows,) + send.shape[1:], dtype=send.dtype)
+        with world.traffic.timed(send.nbytes):
+            world.comm.Sendrecv(send, dest=dest, sendtag=tag, recvbuf=recv, source=source,
+                                recvtag=tag)
+        out[name] = recv
+    return out
+
+
+def _ring(world, layout: _Layout, fields: dict, visit, returned: tuple, chunk_rows: int) -> dict:
+    """Pass this rank's rows (`fields`: name -> array with one row per local class) around the
+    ring in chunks of `chunk_rows` rows. Every rank, the owner first, calls `visit(block,
+    origin, lo)` on every chunk (`block` holds rows [lo, lo + q) of rank `origin`, updated in
+    place); after P-1 hops one more hop carries only the `returned` fields home. Returns those
+    fields for this rank's rows. Collective; every rank runs the same number of rounds."""
+    rank, size = world.rank, world.size
+    num_rounds = max(1, max(math.ceil(n / chunk_rows) for n in layout.counts))
+
+    def span(origin: int, j: int) -> tuple[int, int]:
+        n = layout.counts[origin]
+        return min(j * chunk_rows, n), min((j + 1) * chunk_rows, n)
+
+    out = {name: np.empty_like(fields[name]) for name in returned}
+    for j in range(num_rounds):
+        lo, hi = span(rank, j)
+        block = {name: a[lo:hi].copy() for name, a in fields.items()}
+        visit(block, rank, lo)
+        for hop in range(1, size):
+            origin = (rank - hop) % size
+            o_lo, o_hi = span(origin, j)
+            block = _sendrecv(world, block, o_hi - o_lo)
+            visit(block, origin, o_lo)
+        if size > 1:
+            block = _sendrecv(world, {name: block[name] for name in returned}, hi - lo)
+        for name in returned:
+            out[name][lo:hi] = block[name]
+    return out
+
+
+def _merge_topk(score_a, id_a, score_b, id_b, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise top-k of two candidate lists (no id appears in both), best first."""
+    score = torch.from_numpy(np.concatenate([score_a, score_b], axis=1))
+    ids = torch.from_numpy(np.concatenate([id_a, id_b], axis=1))
+    kk = min(k, score.shape[1])
+    top = torch.topk(score, kk, dim=1, sorted=True)
+    return top.values.numpy(), torch.gather(ids, 1, top.indices).numpy()
+
+
+def _ring_search(world, layout: _Layout, searcher: _Searcher | None, x_cD: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global top-k (scores, ids) of this rank's rows over ALL classes, by the ring."""
+    num_rows = x_cD.shape[0]
+    fields = {"query": x_cD,
+              "score": np.full((num_rows, k), -np.inf, dtype=np.float32),
+              "id": np.full((num_rows, k), -1, dtype=np.int64)}
+
+    def visit(block, origin, lo):
+        if searcher is None or block["query"].shape[0] == 0:
+            return
+        score_qk, id_qk = searcher.search(block["query"], k)
+        block["score"], block["id"] = _merge_topk(block["score"], block["id"], score_qk, id_qk, k)
+
+    got = _ring(world, layout, fields, visit, ("score", "id"), CHUNK_ROWS)
+    return got["score"], got["id"]
+
+
+# -- refinement: neighbours of neighbours -----------------------------------------------------
+
+def _exchange_ids(world, layout: _Layout, wanted: np.ndarray, table_cX: np.ndarray,
+                  start: int) -> np.ndarray:
+    """Rows of `table_cX` (one per local class, on every rank) for the sorted unique global ids
+    `wanted`: each id is requested from its owner by alltoallv and answered the same way."""
+    owner = layout.owner(wanted)
+    counts = np.bincount(owner, minlength=world.size)
+    req, req_counts = collectives.alltoallv(world, torch.from_numpy(wanted), counts)
+    answer = torch.from_numpy(np.ascontiguousarray(table_cX[req.numpy() - start]))
+    return collectives.alltoallv_known(world, answer, req_counts, counts.tolist()).numpy()
+
+
+def _reverse_neighbours(world, layout: _Layout, fwd_cm: np.ndarray, start: int,
+                        num_rev: int) -> np.ndarray:
+    """(n, num_rev) global ids of classes whose forward lists hold this rank's classes (the
+    ones that rank them highest first; -1 pads)."""
+    num_rows, m = fwd_cm.shape
+    src = np.repeat(np.arange(start, start + num_rows, dtype=np.int64), m)
+    pos = np.tile(np.arange(m, dtype=np.int64), num_rows)
+    dst = fwd_cm.reshape(-1)
+    keep = dst >= 0
+    src, pos, dst = src[keep], pos[keep], dst[keep]
+    order = np.argsort(dst, kind="stable")
+    edges = np.stack([dst[order], src[order], pos[order]], axis=1)
+    counts = np.bincount(layout.owner(edges[:, 0]), minlength=world.size)
+    got = collectives.alltoallv(world, torch.from_numpy(edges), counts)[0].numpy()
+    rev_cr = np.full((num_rows, num_rev), -1, dtype=np.int64)
+    if got.shape[0]:
+        got = got[np.lexsort((got[:, 2], got[:, 0]))]  # by target, then by rank in the list
+        local = got[:, 0] - start
+        first = np.searchsorted(local, local, side="left")
+        slot = np.arange(local.shape[0]) - first
+        take = slot < num_rev
+        rev_cr[local[take], slot[take]] = got[take, 1]
+    return rev_cr
+
+
+def _new_candidates(id_cK: np.ndarray, cand_cw: np.ndarray, start: int) -> np.ndarray:
+    """Candidates of each row that are valid, not the class itself, not already in the row and
+    not repeated; compacted to the left of an (n, w') array padded with -1."""
+    num_rows, k = id_cK.shape
+    both = torch.from_numpy(np.concatenate([id_cK, cand_cw], axis=1))
+    # Stable sort by id: an id already in the row sorts before its candidate copies.
+    sorted_ids, order = torch.sort(both, dim=1, stable=True)
+    repeat = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    self_id = torch.arange(start, start + num_rows).unsqueeze(1)
+    new = (order >= k) & ~repeat & (sorted_ids >= 0) & (sorted_ids != self_id)
+    count = new.sum(dim=1)
+    width = int(count.max()) if num_rows else 0
+    out = torch.full((num_rows, width), -1, dtype=torch.int64)
+    rows, cols = new.nonzero(as_tuple=True)
+    slot = torch.cumsum(new, dim=1)[rows, cols] - 1
+    out[rows, slot] = sorted_ids[rows, cols]
+    return out.numpy()
+
+
+def _score_on_ring(world, layout: _Layout, x_cD: np.ndarray, start: int,
+                   cand_cw: np.ndarray) -> np.ndarray:
+    """Cosine of each of this rank's rows with each of its candidate classes (global ids, -1 =
+    none: -inf). The rows travel the ring with their candidates; every rank scores the
+    candidates it owns with faiss's fused gather-dot."""
+    faiss = _faiss(world)
+    num_rows, width = cand_cw.shape
+    fields = {"query": x_cD, "cand": cand_cw.astype(np.int32),
+              "score": np.full((num_rows, width), -np.inf, dtype=np.float32)}
+
+    def visit(block, origin, lo):
+        local_qw = block["cand"].astype(np.int64) - start
+        mine = (local_qw >= 0) & (local_qw < num_rows)
+        if not mine.any():
+            return
+        local_qw[~mine] = -1  # faiss skips negative ids
+        got_qw = np.empty(local_qw.shape, dtype=np.float32)
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(got_qw), faiss.swig_ptr(block["query"]), faiss.swig_ptr(x_cD),
+            faiss.swig_ptr(local_qw), x_cD.shape[1], local_qw.shape[0], width)
+        block["score"][mine] = got_qw[mine]
+
+    return _ring(world, layout, fields, visit, ("score",), CHUNK_ROWS)["score"]
+
+
+def _refine_pass(world, layout: _Layout, x_cD: np.ndarray, start: int, score_cK: np.ndarray,
+                 id_cK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One pass of neighbours-of-neighbours (module docstring): improved (scores, ids)."""
+    num_rows, k = id_cK.shape
+    fwd_cm = id_cK[:, :REFINE_FORWARD + 1].copy()
+    fwd_cm[fwd_cm == np.arange(start, start + num_rows)[:, None]] = -1
+    via_cv = np.concatenate(
+        [fwd_cm, _reverse_neighbours(world, layout, fwd_cm, start, REFINE_REVERSE)], axis=1)
+    wanted = np.unique(via_cv[via_cv >= 0])
+    rows_vx = _exchange_ids(world, layout, wanted,
+                            np.ascontiguousarray(id_cK[:, :REFINE_EXPAND]), start)
+    parts = []
+    for lo in range(0, num_rows, CHUNK_ROWS):
+        via = via_cv[lo:lo + CHUNK_ROWS]
+        cand_qvx = rows_vx[np.searchsorted(wanted, np.maximum(via, 0))]
+        cand_qvx[via < 0] = -1
+        parts.append(_new_candidates(id_cK[lo:lo + CHUNK_ROWS],
+                                     cand_qvx.reshape(via.shape[0], -1), start + lo))
+    # The ring needs the same width on every rank.
+    width = int(collectives.allreduce(
+        world, torch.tensor([max([p.shape[1] for p in parts], default=0)]), "max")[0])
+    cand_cw = np.full((num_rows, width), -1, dtype=np.int64)
+    for lo, part in zip(range(0, num_rows, CHUNK_ROWS), parts):
+        cand_cw[lo:lo + part.shape[0], :part.shape[1]] = part
+    score_cw = _score_on_ring(world, layout, x_cD, start, cand_cw)
+    return _merge_topk(score_cK, id_cK, score_cw, cand_cw, k)
+
+
+def _rescore(world, layout: _Layout, x_cD: np.ndarray, start: int, init: LocalGraph,
+             k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A previous graph's rows scored under the current weights, best first: the starting point
+    of refinement when the weights have moved since it was built."""
+    if init.start != start or init.neighbors_ck.shape[0] != x_cD.shape[0]:
+        raise ValueError(f"knn graph: the previous graph holds rows [{init.start}, {init.stop}) "
+                         f"but this rank holds [{start}, {start + x_cD.shape[0]})")
+    num_rows = x_cD.shape[0]
+    cand_cK = np.full((num_rows, k), -1, dtype=np.int64)
+    width = min(k, init.k)
+    cand_cK[:, :width] = init.neighbors_ck[:, :width]
+    score_cK = _score_on_ring(world, layout, x_cD, start, cand_cK)
+    none_c0 = np.zeros((num_rows, 0))
+    return _merge_topk(none_c0.astype(np.float32), none_c0.astype(np.int64), score_cK, cand_cK, k)
+
+
+# -- the graph --------------------------------------------------------------------------------
+
+def _finish_rows(x_cD: np.ndarray, start: int, num_classes: int, score_cK: np.ndarray,
+                 id_cK: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Column 0 = the class itself, then its first K-1 OTHER found classes in score order; rows
+    with fewer are completed with distinct random classes (similarity NaN). Returns
+    (neighbors int32, similarity float32, number of completed entries)."""
+    num_rows = id_cK.shape[0]
+    self_c = np.arange(start, start + num_rows, dtype=np.int64)
+    skip_cK = (id_cK == self_c[:, None]) | (id_cK < 0)
+    # Stable: kept entries stay in score order, skipped ones move to the back.
+    order = np.argsort(skip_cK, axis=1, kind="stable")[:, :k - 1]
+    nbr_cK = np.concatenate([self_c[:, None], np.take_along_axis(id_cK, order, axis=1)], axis=1)
+    sim_cK = np.concatenate([np.einsum("cd,cd->c", x_cD, x_cD)[:, None],
+                             np.take_along_axis(score_cK, order, axis=1)], axis=1)
+    missing_cK = np.concatenate([np.zeros((num_rows, 1), dtype=bool),
+                                 np.take_along_axis(skip_cK, order, axis=1)], axis=1)
+    sim_cK[missing_cK] = np.nan
+    for row in np.flatnonzero(missing_cK.any(axis=1)):
+        taken = set(nbr_cK[row][~missing_cK[row]].tolist())
+        rng = np.random.default_rng([seed, int(self_c[row])])
+        fill = []
+        while len(fill) < int(missing_cK[row].sum()):
+            c = int(rng.integers(num_classes))
+            if c not in taken:
+                taken.add(c)
+                fill.append(c)
+        nbr_cK[row, missing_cK[row]] = fill
+    return nbr_cK.astype(np.int32), sim_cK.astype(np.float32), int(missing_cK.sum())
+
+
+def build_graph(world, weight_cD, start: int, num_classes: int, k: int, index: str = "auto",
+                nprobe: int = 16, seed: int = 0, *, refine: int | None = None,
+                init: LocalGraph | None = None) -> LocalGraph:
+    """The K nearest classes of this rank's classes [start, start + n) among ALL classes.
+
+    Collective: every rank passes its own rows `weight_cD` (n x D; contiguous class ranges in
+    rank order, a rank may hold none) and the same num_classes, k, index, nprobe and seed; each
+    gets its own rows of the graph. `index`: flat | ivf | hnsw | auto (module docstring).
+    `refine`: passes of neighbours-of-neighbours after the search (None: AUTO_REFINE for `auto`
+    above FLAT_MAX_CLASSES classes, else 0). `init`: a previous graph of the same rows, built
+    before the weights moved, to rescore and refine instead of searching from scratch.
+    """
+    started = time.perf_counter()
+    if index not in INDEXES:
+        raise ValueError(f"knn graph: index={index!r} is not one of {'|'.join(INDEXES)}")
+    if nprobe < 1:
+        raise ValueError(f"knn graph: nprobe={nprobe} must be >= 1")
+    layout, k = _check_args(world, weight_cD, start, num_classes, k)
+    x_cD = _normalised(weight_cD)
+    auto = index == "auto" and num_classes > FLAT_MAX_CLASSES
+    kind = ("ivf" if auto else "flat") if index == "auto" else index
+    passes = (AUTO_REFINE if auto else 0) if refine is None else int(refine)
+    if init is not None:
+        score_cK, id_cK = _rescore(world, layout, x_cD, start, init, k)
+        kind, detail = init.index, f"previous {init.index} graph rescored"
+    else:
+        searcher, detail = _build_index(world, kind, x_cD, start, k,
+                                        AUTO_NPROBE if auto else nprobe, seed, auto)
+        score_cK, id_cK = _ring_search(world, layout, searcher, x_cD, k)
+        del searcher  # its memory (a copy of the rows, lists, links) before refinement
+    for _ in range(passes):
+        score_cK, id_cK = _refine_pass(world, layout, x_cD, start, score_cK, id_cK)
+    if passes:
+        detail += f" + {passes} refinement passes"
+    nbr_cK, sim_cK, filled = _finish_rows(x_cD, start, num_classes, score_cK, id_cK, k, seed)
+    total_filled = int(collectives.allreduce(world, torch.tensor([filled]))[0])
+    if total_filled and world.is_root:
+        log.warning("knn graph: the %s index found fewer than K-1 other classes for some "
+                    "classes; %d entries completed with random classes (similarity NaN); probe "
+                    "more lists (knn.nprobe) or use flat", kind, total_filled)
+    return LocalGraph(nbr_cK, sim_cK, start, kind, time.perf_counter() - started, detail)
+
+
+def recall_at_k(world, weight_cD, start: int, num_classes: int, graph: LocalGraph,
+                num_samples: int = 1000, seed: int = 0) -> float:
+    """Recall of the graph against exact search on a seeded sample of classes (definition in the
+    module docstring). Collective; the same value on every rank."""
+    _check_args(world, weight_cD, start, num_classes, graph.k)
+    x_cD = _normalised(weight_cD)
+    num_rows = x_cD.shape[0]
+    if graph.start != start or graph.neighbors_ck.shape[0] != num_rows:
+        raise ValueError(f"recall_at_k: the graph holds rows [{graph.start}, {graph.stop}) but "
+                         f"this rank holds [{start}, {start + num_rows})")
+    e = min(10, graph.k)
+    rng = np.random.default_rng([seed, 0x5EC])
+    sample_s = np.sort(rng.choice(num_classes, min(num_samples, num_classes), replace=False))
+    mine_s = sample_s[(sample_s >= start) & (sample_s < start + num_rows)]
+    # Rank order is class order, so the gathered queries are in sample order.
+    query_sD = collectives.allgather(world, torch.from_numpy(x_cD[mine_s - start])).numpy()
+    score_se = np.full((sample_s.shape[0], e - 1), -np.inf, dtype=np.float32)
+    id_se = np.full((sample_s.shape[0], e - 1), -1, dtype=np.int64)
+    for lo in range(0, num_rows, CHUNK_ROWS):
+        part = x_cD[lo:lo + CHUNK_ROWS]
+        sim_sq = query_sD @ part.T
+        ids_q = np.arange(start + lo, start + lo + part.shape[0])
+        sim_sq[sample_s[:, None] == ids_q[None, :]] = -np.inf  # the class itself is column 0
+        kk = min(e - 1, part.shape[0])
+        top = torch.topk(torch.from_numpy(sim_sq), kk, dim=1)
+        score_se, id_se = _merge_topk(score_se, id_se, top.values.numpy(),
+                                      ids_q[top.indices.numpy()], e - 1)
+    every_score = collectives.allgather(world, torch.from_numpy(score_se).unsqueeze(0)).numpy()
+    every_id = collectives.allgather(world, torch.from_numpy(id_se).unsqueeze(0)).numpy()
+    best_score = np.concatenate(list(every_score), axis=1)
+    best_id = np.concatenate(list(every_id), axis=1)
+    _, exact_se = _merge_topk(best_score, best_id, np.zeros((len(sample_s), 0), np.float32),
+                              np.zeros((len(sample_s), 0), np.int64), e - 1)
+    exact_se = np.concatenate([sample_s[:, None], exact_se], axis=1)
+    mine = np.searchsorted(sample_s, mine_s)
+    rows_sK = graph.neighbors_ck[mine_s - start].astype(np.int64)
+    hits = int((rows_sK[:, :, None] == exact_se[mine][:, None, :]).any(axis=1).sum())
+    totals = collectives.allreduce(world, torch.tensor([hits, mine_s.shape[0] * e]))
+    return float(totals[0]) / max(float(totals[1]), 1.0)
+
+
+# -- random graph -----------------------------------------------------------------------------
+
+# Rows are drawn in fixed blocks keyed by (seed, block) so that a row does not depend on how
+# many ranks share the classes.
+_RANDOM_BLOCK = 8192
+
+
+def random_graph(start: int, stop: int, num_classes: int, k: int, seed: int) -> LocalGraph:
+    """Rows [start, stop) of a random graph: column 0 the class itself, then K-1 distinct random
+    other classes (similarity NaN: unknown). The same rows for any partition of the classes."""
+    if not 0 <= start <= stop <= num_classes:
+        raise ValueError(f"random_graph: rows [{start}, {stop}) outside [0, {num_classes})")
+    if k < 1:
+        raise ValueError(f"random_graph: k={k} must be >= 1")
+    k = _clamp_k(k, num_classes)
+    nbr_cK = np.empty((stop - start, k), dtype=np.int32)
+    for block in range(start // _RANDOM_BLOCK, -(-stop // _RANDOM_BLOCK)):
+        lo = block * _RANDOM_BLOCK
+        hi = min(lo + _RANDOM_BLOCK, num_classes)
+        ids_b = np.arange(lo, hi, dtype=np.int64)
+        rng = np.random.default_rng([seed, 0x6A2F, block])
+        rows_bK = np.concatenate([ids_b[:, None], _distinct_others(rng, ids_b, num_classes, k - 1)],
+                                 axis=1)
+        a, z = max(lo, start), min(hi, stop)
+        nbr_cK[a - start:z - start] = rows_bK[a - lo:z - lo]
+    sim_cK = np.full(nbr_cK.shape, np.nan, dtype=np.float32)
+    sim_cK[:, 0] = 1.0
+    return LocalGraph(nbr_cK, sim_cK, start, "random", 0.0, "random")
+
+
+def _distinct_others(rng, ids_b: np.ndarray, num_classes: int, m: int) -> np.ndarray:
+    """(b, m) distinct classes per row, none equal to the row's class: drawn from [0, C-1) and
+    shifted past the class."""
+    b, pool = ids_b.shape[0], num_classes - 1
+    if m == 0:
+        return np.zeros((b, 0), dtype=np.int64)
+    if m * m <= pool:
+        # Rows with a repeat are redrawn whole: with m^2 <= pool most rows have none.
+        draw = rng.integers(0, pool, (b, m))
+        while True:
+            s = np.sort(draw, axis=1)
+            again = (s[:, 1:] == s[:, :-1]).any(axis=1)
+            if not again.any():
+                break
+            draw[again] = rng.integers(0, pool, (int(again.sum()), m))
+    else:
+        # Few classes per row left out: the first m of a random order, in slices of rows that
+        # keep the (rows, C) keys below 2^24 entries.
+        step = max(1, 2**24 // pool)
+        draw = np.concatenate([np.argsort(rng.random((min(step, b - i), pool)), axis=1)[:, :m]
+                               for i in range(0, b, step)])
+    return draw + (draw >= ids_b[:, None])
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+_DATASETS = (("neighbors", "<i4"), ("similarity", "<f2"))
+
+
+def _create_file(tmp: Path, num_classes: int, k: int, attrs: dict) -> dict:
+    """Rank 0: the HDF5 file with both datasets allocated contiguously at full size (not
+    filled: every byte is written by some rank) and all attributes. Returns name -> offset."""
+    import h5py  # noqa: PLC0415
+
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    offsets = {}
+    with h5py.File(tmp, "w") as f:
+        for name, dtype in _DATASETS:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            space = h5py.h5s.create_simple((num_classes, k))
+            dset = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)),
+                                   space, dcpl=dcpl)
+            offsets[name] = int(dset.get_offset())
+        f.attrs.update(attrs)
+    return offsets
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def write_graph(world, path, graph: LocalGraph, num_classes: int, k: int, step: int,
+                recall: float) -> None:
+    """Write the graph file at `path` (format in the module docstring). Collective: every rank
+    passes its own rows; the file appears atomically (rank 0 renames `path.tmp`) once every
+    rank's rows are on disk, and replaces an older file of that name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _Layout(world, graph.start, graph.neighbors_ck.shape[0], num_classes)
+    if graph.k != k:
+        raise ValueError(f"write_graph: the graph has K={graph.k} columns but k={k}")
+    attrs = {"num_classes": num_classes, "k": k, "metric": "cosine", "step": step,
+             "index": graph.index, "index_detail": graph.detail, "recall_at_k": float(recall),
+             "format_version": GRAPH_VERSION}
+    created = None
+    if world.is_root:
+        try:
+            created = _create_file(tmp, num_classes, k, attrs)
+        except OSError as exc:
+            created = f"{tmp}: cannot create the graph file ({exc})"
+    created = collectives.broadcast_object(world, created)
+    if isinstance(created, str):
+        raise ValueError(created)
+    error = None
+    try:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            for (name, dtype), rows in zip(_DATASETS, (graph.neighbors_ck, graph.similarity_ck)):
+                block = np.ascontiguousarray(rows, dtype=dtype)
+                _pwrite_all(fd, block, created[name] + graph.start * k * block.itemsize)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        error = f"{tmp}: rank {world.rank} cannot write its rows ({exc})"
+    # Every rank learns of any rank's failure before the file is published.
+    errors = [e for e in collectives.allgather_object(world, error) if e]
+    if errors:
+        if world.is_root:
+            tmp.unlink(missing_ok=True)
+        raise ValueError(errors[0])
+    if world.is_root:
+        os.replace(tmp, path)
+    world.barrier()
+
+
+class KnnGraph:
+    """A graph file opened for reading: `/neighbors` (and `/similarity`) memory-mapped, so every
+    rank of a job shares one copy in the page cache and reads only the rows it asks for."""
+
+    def __init__(self, path: Path, neighbors_CK: np.ndarray, similarity_CK: np.ndarray,
+                 attrs: dict):
+        self.path, self.attrs = path, attrs
+        self.neighbors_CK, self.similarity_CK = neighbors_CK, similarity_CK
+
+    num_classes = property(lambda self: self.neighbors_CK.shape[0])
+    k = property(lambda self: self.neighbors_CK.shape[1])
+    step = property(lambda self: int(self.attrs["step"]))
+    index = property(lambda self: str(self.attrs["index"]))
+    recall_at_k = property(lambda self: float(self.attrs["recall_at_k"]))
+
+    @classmethod
+    def open(cls, path, num_classes: int) -> "KnnGraph":
+        """Open and check a graph file written for `num_classes` classes. Raises a one-line
+        ValueError naming the file if it is missing or unreadable, was written for another
+        number of classes, or has datasets of the wrong dtype, shape or layout."""
+        import h5py  # noqa: PLC0415
+
+        path = Path(path)
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = {key: _plain(value) for key, value in f.attrs.items()}
+                if "num_classes" in attrs and int(attrs["num_classes"]) != num_classes:
+                    raise ValueError(f"{path}: KNN graph written for {attrs['num_classes']} "
+                                     f"classes but this run has {num_classes}; rebuild it "
+                                     f"(python -m app.knn_graph)")
+                missing = [a for a in ("num_classes", "k", "metric", "step", "index",
+                                       "recall_at_k") if a not in attrs]
+                if missing:
+                    raise ValueError(f"{path}: not a KNN graph file (attributes "
+                                     f"{', '.join(missing)} missing)")
+                maps = [_dataset_map(path, f, name, dtype, (num_classes, int(attrs["k"])))
+                        for name, dtype in _DATASETS]
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the KNN graph ({exc})") from None
+        if attrs["metric"] != "cosine":
+            raise ValueError(f"{path}: KNN graph metric {attrs['metric']!r}, expected 'cosine'")
+        size = path.stat().st_size
+        views = []
+        for offset, dtype, shape in maps:
+            if offset + int(np.prod(shape)) * np.dtype(dtype).itemsize > size:
+                raise ValueError(f"{path}: truncated KNN graph file ({size} bytes)")
+            views.append(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape))
+        return cls(path, views[0], views[1], attrs)
+
+    def rows(self, class_ids) -> np.ndarray:
+        """(n, K) int32 neighbour rows of `class_ids` (column 0 = the class itself)."""
+        ids = self._ids(class_ids)
+        return np.asarray(self.neighbors_CK[ids], dtype=np.int32)
+
+    def similarities(self, class_ids) -> np.ndarray:
+        """(n, K) float32 cosines matching `rows(class_ids)`."""
+        return np.asarray(self.similarity_CK[self._ids(class_ids)], dtype=np.float32)
+
+    def _ids(self, class_ids) -> np.ndarray:
+        if isinstance(class_ids, torch.Tensor):
+            class_ids = class_ids.cpu().numpy()
+        ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_classes):
+            bad = ids[(ids < 0) | (ids >= self.num_classes)][0]
+            raise ValueError(f"{self.path}: class id {bad} outside [0, {self.num_classes})")
+        return ids
+
+
+def _plain(value):
+    """HDF5 attribute as a plain Python value (bytes -> str, numpy scalars -> int/float)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _dataset_map(path: Path, f, name: str, dtype: str, shape: tuple) -> tuple[int, str, tuple]:
+    """(byte offset, dtype, shape) of a dataset that can be memory-mapped, or ValueError."""
+    import h5py  # noqa: PLC0415
+
+    if name not in f or not isinstance(f[name], h5py.Dataset):
+        raise ValueError(f"{path}: KNN graph dataset /{name} missing")
+    dset = f[name]
+    if dset.dtype != np.dtype(dtype):
+        raise ValueError(f"{path}: /{name} has dtype {dset.dtype}, expected {np.dtype(dtype)}")
+    if dset.shape != shape:
+        raise ValueError(f"{path}: /{name} has shape {dset.shape}, expected {shape} "
+                         f"(num_classes x k)")
+    offset = dset.id.get_offset()
+    if dset.chunks is not None or offset is None:
+        raise ValueError(f"{path}: /{name} is not stored contiguously (chunked, compressed or "
+                         f"never written); it cannot be memory-mapped")
+    return int(offset), dtype, shape
+
+
+# -- command line -----------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m app.knn_graph",
+        description="Build the KNN graph of the classes from the newest complete checkpoint of a "
+                    "run (under mpirun, any number of ranks), measure its recall and write it "
+                    "to RUN_DIR/knn/graph-step-NNNNNNNN.h5. Exit code 2 on bad input.")
+    p.add_argument("--run", required=True, help="run directory (out_dir of app.train)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the newest complete one "
+                                        "under RUN_DIR/checkpoints)")
+    p.add_argument("--k", type=int, required=True, help="neighbours per class, itself included")
+    p.add_argument("--index", choices=INDEXES, default="auto",
+                   help="faiss index (default: %(default)s: flat up to "
+                        f"{FLAT_MAX_CLASSES} classes, else IVF + refinement)")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed (default: 16)")
+    p.add_argument("--refine", type=int, default=None,
+                   help="refinement passes (default: 3 for auto above the flat limit, else 0)")
+    p.add_argument("--random", action="store_true",
+                   help="write a random graph (class itself + K-1 random classes) instead")
+    p.add_argument("--samples", type=int, default=1000,
+                   help="classes sampled to measure recall (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling (default: 0)")
+    p.add_argument("--out", help="output file (default: RUN_DIR/knn/graph-step-NNNNNNNN.h5)")
+    return p.parse_args(argv)
+
+
+def _read_manifest(run_dir: Path, checkpoint: str | None) -> tuple[Path, dict]:
+    from app.checkpoint import latest_checkpoint  # noqa: PLC0415
+
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run directory")
+    directory = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if directory is None:
+        raise ValueError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; "
+                         f"train with train.checkpoint_every > 0 first")
+    path = directory / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        for key in ("num_classes", "embedding_dim", "step", "classifier"):
+            manifest[key]  # noqa: B018 - presence check, the KeyError names the key
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a readable checkpoint manifest ({exc!r})") from None
+    return directory, manifest
+
+
+def _load_rows(directory: Path, manifest: dict, start: int, stop: int) -> np.ndarray:
+    """This rank's classifier rows [start, stop) from the checkpoint's files that overlap them."""
+    import h5py  # noqa: PLC0415
+
+    dim = int(manifest["embedding_dim"])
+    rows_cD = np.empty((stop - start, dim), dtype=np.float32)
+    filled = 0
+    for entry in manifest["classifier"]:
+        lo, hi = max(int(entry["start"]), start), min(int(entry["stop"]), stop)
+        if lo >= hi:
+            continue
+        path = directory / entry["file"]
+        try:
+            with h5py.File(path, "r") as f:
+                weight = f["weight"]
+                if weight.ndim != 2 or weight.shape[1] != dim:
+                    raise ValueError(f"{path}: classifier rows of shape {weight.shape}, the "
+                                     f"manifest says dimension {dim}")
+                rows_cD[lo - start:hi - start] = weight[lo - entry["start"]:hi - entry["start"]]
+        except (OSError, KeyError) as exc:
+            raise ValueError(f"{path}: cannot read classifier rows ({exc})") from None
+        filled += hi - lo
+    if filled != stop - start:
+        raise ValueError(f"{directory}: the checkpoint covers {filled} of the classes "
+                         f"[{start}, {stop})")
+    return rows_cD
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mpi.partition import class_range  # noqa: PLC0415
+    from mpi.world import init_world  # noqa: PLC0415
+    from app.runlog import init_logging  # noqa: PLC0415
+
+    world = init_world(use_horovod=False)
+    init_logging(world)
+    run_dir, error, job = Path(args.run), None, None
+    try:
+        if args.k < 1 or args.samples < 1 or args.nprobe < 1:
+            raise ValueError(f"--k, --samples and --nprobe must be >= 1, got {args.k}, "
+                             f"{args.samples}, {args.nprobe}")
+        directory, manifest = _read_manifest(run_dir, args.checkpoint)
+        num_classes, step = int(manifest["num_classes"]), int(manifest["step"])
+        start, stop = class_range(num_classes, world.rank, world.size)
+        rows_cD = None if args.random else _load_rows(directory, manifest, start, stop)
+        out = Path(args.out) if args.out else run_dir / "knn" / f"graph-step-{step:08d}.h5"
+        job = (num_classes, step, start, stop, rows_cD, out)
+    except ValueError as exc:
+        error = str(exc)
+    # Every rank checked its own files; agree before any collective so no rank waits alone.
+    errors = [e for e in collectives.allgather_object(world, error) if e]
+    if errors:
+        if world.is_root:
+            print(f"error: {errors[0]}", file=sys.stderr)
+        return 2
+    num_classes, step, start, stop, rows_cD, out = job
+    k = _clamp_k(args.k, num_classes, world.is_root)
+    if rows_cD is None:
+        graph, recall = random_graph(start, stop, num_classes, k, args.seed), float("nan")
+    else:
+        graph = build_graph(world, rows_cD, start, num_classes, k, args.index, args.nprobe,
+                            args.seed, refine=args.refine)
+        recall = recall_at_k(world, rows_cD, start, num_classes, graph, args.samples, args.seed)
+    write_graph(world, out, graph, num_classes, k, step, recall)
+    seconds = max(collectives.allgather_object(world, graph.seconds))
+    if world.is_root:
+        print(f"knn graph: {num_classes} classes, K={k}, index {graph.detail}, built in "
+              f"{seconds:.1f}s on {world.size} ranks, recall@{min(10, k)} {recall:.3f} "
+              f"-> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
