@@ -111,10 +111,22 @@ class Trainer:
         manifest = checkpoint.read_manifest(directory, self.reader.num_classes,
                                             self.cfg.model.embedding_dim)
         state = checkpoint.load(directory, manifest, self.classifier)
-        self.backbone.load_state_dict(state["backbone"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.backbone.load_state_dict(state["backbone"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(f"{directory / 'trainer.pt'}: the saved backbone or optimizer does "
+                             f"not fit the config's model.* / optim.* ({first}); resume with the "
+                             f"config the run was started with") from exc
         checkpoint.set_rng_state(state["rng"])
-        self.reader.load_state_dict(manifest["data_position"])
+        position = manifest["data_position"]
+        if position["global_batch_size"] != self.reader.global_batch_size:
+            self.log.warning("global batch changes from %d to %d on resume: the data order "
+                             "continues from the same sample of the epoch, and the loss no "
+                             "longer matches an uninterrupted run", position["global_batch_size"],
+                             self.reader.global_batch_size)
+        self.reader.load_state_dict(position, allow_new_batch_size=True)
         self.start_step = int(manifest["step"])
         if self.graphs is not None and not self.graphs.load_state_dict(state.get("knn"),
                                                                         self.classifier):

@@ -322,17 +322,31 @@ class ShardedReader:
                 "split": self.split, "shuffle": self.shuffle, "drop_last": self.drop_last,
                 "global_batch_size": self.global_batch_size, "num_samples": self._num_samples}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], allow_new_batch_size: bool = False) -> None:
         """Continues from `state` (from state_dict(), possibly of a reader with another number
         of ranks): the next batch is the one that would have come. ValueError naming the key if
-        seed, split, shuffle, drop_last, global batch or sample count differ."""
-        for key in ("seed", "split", "shuffle", "drop_last", "global_batch_size", "num_samples"):
+        seed, split, shuffle, drop_last, global batch or sample count differ.
+
+        With `allow_new_batch_size` a different global batch is accepted: the epoch's
+        permutation is kept and reading continues at the first new-size batch that starts at
+        or after the samples already consumed (at most one new batch of the epoch is skipped,
+        nothing is repeated)."""
+        keys = ["seed", "split", "shuffle", "drop_last", "num_samples"]
+        if not allow_new_batch_size:
+            keys.append("global_batch_size")
+        for key in keys:
             if key not in state:
                 raise ValueError(f"reader state lacks {key!r}: {state}")
             if state[key] != self.state_dict()[key]:
                 raise ValueError(f"reader state has {key} = {state[key]!r} but this reader has "
                                  f"{self.state_dict()[key]!r}; the data order would differ")
         epoch, batch = state.get("epoch"), state.get("batch")
+        old_global = state.get("global_batch_size", self.global_batch_size)
+        if isinstance(batch, int) and old_global != self.global_batch_size:
+            consumed = batch * old_global
+            batch = -(-consumed // self.global_batch_size)  # ceil: never repeat a sample
+            if batch >= self.batches_per_epoch:
+                epoch, batch = epoch + 1, 0
         if not (isinstance(epoch, int) and epoch >= 0 and isinstance(batch, int)
                 and 0 <= batch < self.batches_per_epoch):
             raise ValueError(f"reader state needs epoch >= 0 and 0 <= batch < "

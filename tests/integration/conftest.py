@@ -89,20 +89,22 @@ class LocalSlurm:
                     if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
         self.env["SLURM_CONF"] = str(directory / "slurm.conf")
 
-    def __call__(self, *cmd, timeout=60):
-        """Runs a Slurm command (sbatch, squeue, ...) against this cluster, from the repo root."""
+    def __call__(self, *cmd, timeout=60, env=None):
+        """Runs a Slurm command (sbatch, squeue, ...) against this cluster, from the repo root;
+        `env` adds variables (sbatch passes them on to the job)."""
         import subprocess
 
         from tests.integration.launch import REPO
 
-        return subprocess.run(list(cmd), cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(list(cmd), cwd=REPO, env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A real one-node Slurm cluster for the session, started and stopped by
     scripts/local_slurm.sh in a temporary directory."""
+    import os
     import shutil
     import subprocess
 
@@ -114,7 +116,7 @@ def slurm_cluster(tmp_path_factory):
     directory = tmp_path_factory.mktemp("slurm")
     script = str(REPO / "scripts/local_slurm.sh")
     start = subprocess.run(["bash", script, "start", str(directory)], capture_output=True,
-                           text=True, timeout=120)
+                           text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
     assert start.returncode == 0, f"local Slurm did not start:\n{start.stdout}\n{start.stderr}"
     try:
         yield LocalSlurm(directory)

@@ -99,6 +99,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_overwritten(vectors_dataset, o
         ([], False, "already holds a run"),
         ([f"data.path={other_dataset}"], True, "classes but the dataset has 70"),
         (["model.embedding_dim=8"], True, "model.embedding_dim"),
+        (["model.mlp_hidden=16"], True, "trainer.pt"),
         (["data.path=/nonexistent/data"], True, "/nonexistent/data"),
     ]
     for extra, resume, expect in cases:

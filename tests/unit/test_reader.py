@@ -227,3 +227,21 @@ def test_bad_label_in_prefetch_thread_is_raised_by_the_consumer(tmp_path, label)
         assert reader.state_dict()["batch"] == 9
         with pytest.raises(DatasetError, match="at row 4"):   # raised again, not a hang
             next(reader)
+
+
+def test_resume_with_a_new_global_batch_skips_nothing_twice(tmp_path):
+    from data_prep.reader import ShardedReader
+    from tests.unit.test_dataset_format import write_dataset
+
+    path = write_dataset(tmp_path / "d")
+    with ShardedReader(path, "train", 0, 1, 4, seed=3, prefetch=0) as old:
+        taken = [next(old).indices for _ in range(3)]
+        state = old.state_dict()
+    with pytest.raises(ValueError, match="global_batch_size"):
+        ShardedReader(path, "train", 0, 1, 5, seed=3, prefetch=0).load_state_dict(state)
+    with ShardedReader(path, "train", 0, 1, 5, seed=3, prefetch=0) as new:
+        new.load_state_dict(state, allow_new_batch_size=True)
+        nxt = next(new).indices
+    seen = set(np.concatenate(taken).tolist())
+    assert not seen & set(nxt.tolist())
+    assert new.state_dict()["batch"] == 4  # ceil(12 / 5) = 3 was the resume point, then one read

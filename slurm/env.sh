@@ -1,0 +1,73 @@
+# Sourced by the sbatch scripts in slurm/: the environment of every job and the `launch` helper.
+# Launcher flags and environment only; what runs is in the sbatch scripts, how it trains is in
+# app/. Everything here can be overridden by exporting it before `sbatch` (sbatch passes the
+# submitting shell's environment to the job):
+#
+#   HUNDREDM_ROOT  repository root (default: the directory sbatch was run from)
+#   VENV           virtual environment (default: $HUNDREDM_ROOT/.venv, made by `make setup`)
+#   LAUNCHER       srun (default) or mpirun: how the job's tasks become MPI ranks
+#   SRUN_MPI       srun's --mpi plugin (default pmix; pmi2 fails with Debian's Open MPI)
+#   MPIRUN_ARGS    extra mpirun arguments (default: --bind-to none, see below)
+#   OMP_NUM_THREADS  threads of numpy/BLAS per rank (default: --cpus-per-task, else 1); torch's
+#                  own threads are set by the World (cores of the node / ranks on it)
+
+export HUNDREDM_ROOT="${HUNDREDM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
+cd "$HUNDREDM_ROOT" || exit 2
+VENV="${VENV:-$HUNDREDM_ROOT/.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "error: $VENV/bin/python: not found; run 'make setup' in $HUNDREDM_ROOT (on a shared filesystem) or export VENV" >&2
+    exit 2
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export PYTHONPATH="$HUNDREDM_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# Open MPI refuses root unless told; containers also refuse its single-copy (CMA) transport.
+# On a cluster where CMA works, export OMPI_MCA_btl_vader_single_copy_mechanism=cma for faster
+# large messages between ranks of one node.
+if [ "$(id -u)" -eq 0 ]; then
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+
+LAUNCHER="${LAUNCHER:-srun}"
+SRUN_MPI="${SRUN_MPI:-pmix}"
+# mpirun binds ranks to cores by default, which would pin each rank's torch threads to one core.
+MPIRUN_ARGS="${MPIRUN_ARGS:---bind-to none}"
+
+# launch CMD...: CMD as one MPI rank per task of the job (all nodes, all tasks).
+launch() {
+    case "$LAUNCHER" in
+        srun) srun --mpi="$SRUN_MPI" --kill-on-bad-exit=1 "$@" ;;
+        # Open MPI reads the Slurm allocation and starts its daemons on the other nodes with srun.
+        # shellcheck disable=SC2086
+        mpirun) mpirun -np "${SLURM_NTASKS:?not inside a Slurm job}" $MPIRUN_ARGS "$@" ;;
+        *) echo "error: LAUNCHER=$LAUNCHER: unknown launcher; use srun or mpirun" >&2; return 2 ;;
+    esac
+}
+
+# run_requeueable CMD...: runs CMD in the background and waits for it. On USR1 (sbatch
+# --signal=B:USR1@SECONDS sends it that long before the time limit; `scancel --signal=USR1
+# --batch JOB` sends it now) the job is requeued: Slurm ends this run and starts the script again,
+# with the same arguments, appending to the same log. CMD must resume by itself.
+run_requeueable() {
+    trap _requeue_job USR1
+    "$@" &
+    local child=$! rc
+    while true; do
+        wait "$child"
+        rc=$?
+        # `wait` also returns when a trapped signal arrives; keep waiting while CMD runs.
+        kill -0 "$child" 2>/dev/null || break
+    done
+    return "$rc"
+}
+
+_requeue_job() {
+    echo "[slurm] $(date '+%F %T') USR1: requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1))); it resumes where it stopped" >&2
+    scontrol requeue "$SLURM_JOB_ID" \
+        || echo "[slurm] scontrol requeue failed: submit the same command again to resume" >&2
+}
+
+echo "[slurm] job ${SLURM_JOB_ID:-?} '${SLURM_JOB_NAME:-?}' restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES:-?} node(s) ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-?} task(s), launcher $LAUNCHER, root $HUNDREDM_ROOT" >&2
