@@ -1,8 +1,9 @@
 """`python -m app.train --config FILE [--set key=value ...] [--resume]` under mpirun or srun.
 
 Trains the hybrid-parallel classifier of DESIGN.md in the run directory `out_dir`. Exit codes:
-0 done, 2 bad config, dataset or checkpoint (one line on stderr, nothing written), 1 a failure
-during training (traceback tagged with the rank; all ranks are stopped).
+0 done, 2 bad config, dataset or checkpoint (one line on stderr, nothing written), 3 stopped by
+SIGUSR1 or SIGTERM after writing a checkpoint (--resume continues), 1 a failure during training
+(traceback tagged with the rank; all ranks are stopped).
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import sys
 
 from mpi import collectives
 from mpi.world import init_world
+
+# Stopped early by SIGUSR1/SIGTERM after writing a checkpoint (slurm/train.sbatch requeues).
+EXIT_STOPPED = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +52,9 @@ def main(argv=None) -> int:
         world.shutdown()
         return 2
     summary = trainer.run()
+    if "stopped_at" in summary:  # preempted: a checkpoint was written, --resume continues
+        world.shutdown()
+        return EXIT_STOPPED
     if world.is_root:
         print(f"final top-1 {summary['top1']:.4f} top-5 {summary['top5']:.4f} over "
               f"{summary['num_classes']} classes after {summary['steps']} steps; "

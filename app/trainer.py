@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from app.model import build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
 from app.schedule import LRSchedule
 from data_prep.reader import ShardedReader
+from mpi import collectives
 from mpi.partition import class_counts
 
 @dataclass(frozen=True)
@@ -177,8 +179,9 @@ class Trainer:
                                                     else "rebuilt")
         world.traffic.reset()
         bar = progress_bar(world, cfg.train.steps, self.start_step, f"train {cfg.softmax.mode}")
-        last_eval, loss_value = None, float("nan")
+        last_eval, loss_value, stopped_at = None, float("nan"), None
         started = time.perf_counter()
+        stop = _StopRequest(world)
         for step in range(self.start_step, cfg.train.steps):
             if step == cfg.train.crash_at_step:
                 raise RuntimeError(f"train.crash_at_step={step}: injected failure")
@@ -207,10 +210,21 @@ class Trainer:
                                 samples_s=f"{record['samples_per_s']:.0f}")
             if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
                 last_eval = self._evaluate(done, evals)
+            preempted = stop.agreed()
             if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or \
-                    done == cfg.train.steps:
+                    done == cfg.train.steps or preempted:
                 self._save(done)
+            if preempted:
+                stopped_at = done
+                self.log.warning("stopping at step %d on %s after a checkpoint; run again with "
+                                 "--resume to continue", done, stop.name)
+                break
+        stop.restore()
         bar.close()
+        if stopped_at is not None:
+            self.reader.close()
+            self.val_reader.close()
+            return {"stopped_at": stopped_at, "signal": stop.name, "run_dir": str(self.run_dir)}
         if last_eval is None:  # resumed at the end: nothing left to train
             last_eval = self._evaluate(cfg.train.steps, evals)
         summary = {"steps": cfg.train.steps, "final_loss": loss_value, **last_eval,
@@ -261,6 +275,33 @@ class Trainer:
                                self.reader.state_dict(), config_hash(self.cfg),
                                self.cfg.train.keep_checkpoints)
         self.log.info("checkpoint %s", path)
+
+
+class _StopRequest:
+    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (preemption, scancel) on any
+    rank asks every rank to stop after the current step with a checkpoint. The flag is combined
+    over ranks by one scalar allreduce per step, so all ranks stop at the same step even when the
+    signal reached only some of them."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, world):
+        self.world, self.name = world, None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([0 if self.name is None else 1], dtype=torch.int32)
+        if collectives.allreduce(self.world, flag, "max")[0] == 0:
+            return False
+        self.name = self.name or "a signal on another rank"
+        return True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class _Window:

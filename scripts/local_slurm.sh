@@ -31,8 +31,10 @@
 # - EnforcePartLimits=ALL: a job asking for more CPUs than the node has is refused at submission
 #   ("More processors requested than permitted") instead of pending forever (PartitionConfig).
 # - A requeued job (scontrol requeue) is held for the credential lifetime plus 1 s before it
-#   may start again: 121 s by default (AuthInfo cred_expire). The requeue test releases it with
-#   `scontrol update JobId=N StartTime=now` rather than changing that lifetime for every job.
+#   may start again: 121 s by default (AuthInfo cred_expire). Releasing it earlier with
+#   `scontrol update JobId=N StartTime=now` is unsafe: a start within that lifetime fails with
+#   "Killing non-startable batch JobId=N: Job credential revoked" (seen here). So this test
+#   cluster sets cred_expire=10: requeued jobs start again after 11 s.
 # - `sbatch --wait` usually keeps waiting through a requeue, but in one try of five it returned 1
 #   at the requeue (it polls, and saw the job between its two runs): to follow a requeued job,
 #   poll `scontrol show job -o JOB` (JobState, ExitCode, Restarts) instead.
@@ -92,6 +94,7 @@ SlurmdPort=$node_port
 SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/none
+AuthInfo=cred_expire=10
 CredType=cred/none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -19,7 +19,7 @@ STAMP="$VENV/.requirements.sha256"
 log() { echo "[setup] $*"; }
 die() { echo "[setup] error: $*" >&2; exit 1; }
 
-APT_PACKAGES=(openmpi-bin libopenmpi-dev g++ make cmake slurmctld slurmd slurm-client
+APT_PACKAGES=(openmpi-bin libopenmpi-dev libpmix-dev g++ make cmake slurmctld slurmd slurm-client
               slurm-wlm-basic-plugins hostname)
 
 install_system_packages() {

@@ -36,36 +36,55 @@ SRUN_MPI="${SRUN_MPI:-pmix}"
 # mpirun binds ranks to cores by default, which would pin each rank's torch threads to one core.
 MPIRUN_ARGS="${MPIRUN_ARGS:---bind-to none}"
 
-# launch CMD...: CMD as one MPI rank per task of the job (all nodes, all tasks).
-launch() {
+# _launcher: the launcher's command line for one MPI rank per task of the job, in LAUNCH_CMD.
+_launcher() {
     case "$LAUNCHER" in
-        srun) srun --mpi="$SRUN_MPI" --kill-on-bad-exit=1 "$@" ;;
+        srun) LAUNCH_CMD=(srun --mpi="$SRUN_MPI" --kill-on-bad-exit=1) ;;
         # Open MPI reads the Slurm allocation and starts its daemons on the other nodes with srun.
-        # shellcheck disable=SC2086
-        mpirun) mpirun -np "${SLURM_NTASKS:?not inside a Slurm job}" $MPIRUN_ARGS "$@" ;;
+        # shellcheck disable=SC2206
+        mpirun) LAUNCH_CMD=(mpirun -np "${SLURM_NTASKS:?not inside a Slurm job}" $MPIRUN_ARGS) ;;
         *) echo "error: LAUNCHER=$LAUNCHER: unknown launcher; use srun or mpirun" >&2; return 2 ;;
     esac
 }
 
-# run_requeueable CMD...: runs CMD in the background and waits for it. On USR1 (sbatch
+# launch CMD...: CMD as one MPI rank per task of the job (all nodes, all tasks).
+launch() {
+    _launcher || return 2
+    "${LAUNCH_CMD[@]}" "$@"
+}
+
+# run_requeueable CMD...: like `launch CMD...`, in the background, waiting for it. On USR1 (sbatch
 # --signal=B:USR1@SECONDS sends it that long before the time limit; `scancel --signal=USR1
-# --batch JOB` sends it now) the job is requeued: Slurm ends this run and starts the script again,
-# with the same arguments, appending to the same log. CMD must resume by itself.
+# --batch JOB` sends it now) the signal is passed on to CMD (srun and mpirun forward it to every
+# rank; the trainer then writes a checkpoint at the end of its current step and exits with 3),
+# and once CMD has ended the job is requeued: Slurm starts this script again with the same
+# arguments, appending to the same log, and the trainer resumes from that checkpoint.
 run_requeueable() {
-    trap _requeue_job USR1
-    "$@" &
-    local child=$! rc
+    _launcher || return 2
+    _REQUEUE=0
+    trap _on_usr1 USR1
+    # The launcher itself is the background job, so USR1 reaches srun/mpirun, not a subshell.
+    "${LAUNCH_CMD[@]}" "$@" &
+    _CHILD=$!
+    local rc
     while true; do
-        wait "$child"
+        wait "$_CHILD"
         rc=$?
         # `wait` also returns when a trapped signal arrives; keep waiting while CMD runs.
-        kill -0 "$child" 2>/dev/null || break
+        kill -0 "$_CHILD" 2>/dev/null || break
     done
+    [ "$_REQUEUE" -eq 1 ] && _requeue_job
     return "$rc"
 }
 
+_on_usr1() {
+    _REQUEUE=1
+    echo "[slurm] $(date '+%F %T') USR1: asking the ranks to checkpoint and stop" >&2
+    kill -USR1 "$_CHILD" 2>/dev/null || true
+}
+
 _requeue_job() {
-    echo "[slurm] $(date '+%F %T') USR1: requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1))); it resumes where it stopped" >&2
+    echo "[slurm] $(date '+%F %T') requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1))); it resumes from the newest checkpoint" >&2
     scontrol requeue "$SLURM_JOB_ID" \
         || echo "[slurm] scontrol requeue failed: submit the same command again to resume" >&2
 }

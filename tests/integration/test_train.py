@@ -155,3 +155,39 @@ def test_knn_mode_trains_refreshes_and_resumes(vectors_dataset, tmp_path):
                     "train.checkpoint_every=7", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_traces_equal(losses(tmp_path / "crash"), trace)
+
+
+def test_sigusr1_stops_all_ranks_with_a_checkpoint_and_resume_continues(vectors_dataset,
+                                                                        tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from tests.integration.launch import REPO
+
+    whole = train(2, vectors_dataset, tmp_path / "whole", 40, 24)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "stop"
+    args = ["-m", "app.train", "--config", "configs/demo.yaml"]
+    for s in [f"data.path={vectors_dataset}", f"out_dir={out}", "train.steps=40",
+              "train.batch_size=24", *BASE]:
+        args += ["--set", s]
+    proc = subprocess.Popen(mpirun_cmd(2, *args), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until training runs, then "the time limit nears"
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-3000:]
+    assert "stopping at step" in stderr
+    stopped = losses(out)[-1][0]
+    assert 3 <= stopped < 40
+    assert (out / f"checkpoints/step-{stopped:08d}/manifest.json").exists()
+    resumed = train(2, vectors_dataset, out, 40, 24, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_traces_equal(losses(out), losses(tmp_path / "whole"))
