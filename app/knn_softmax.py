@@ -87,13 +87,33 @@ def make_plan(cls_NA: torch.Tensor, valid_NA: torch.Tensor, num_classes: int, ra
     return PairPlan(cls_NA, valid_NA, mine_p, send_counts, recv_counts, recv_pos)
 
 
+class _PairDot(torch.autograd.Function):
+    """forward: sim_p = x[ix_p] . y[iy_p] for each pair p; backward: dx = sum over pairs of
+    g_p y[iy_p] into row ix_p (index_add_), dy likewise. One gather per operand and one
+    index_add_ per gradient: autograd's advanced indexing would add a sort-based scatter."""
+
+    @staticmethod
+    def forward(ctx, x_nD, y_mD, ix_p, iy_p):
+        ctx.save_for_backward(x_nD, y_mD, ix_p, iy_p)
+        return (x_nD.index_select(0, ix_p) * y_mD.index_select(0, iy_p)).sum(dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_p):
+        x_nD, y_mD, ix_p, iy_p = ctx.saved_tensors
+        g_p1 = grad_p.unsqueeze(1)
+        grad_x = torch.zeros_like(x_nD).index_add_(0, ix_p, y_mD.index_select(0, iy_p) * g_p1)
+        grad_y = torch.zeros_like(y_mD).index_add_(0, iy_p, x_nD.index_select(0, ix_p) * g_p1)
+        return grad_x, grad_y, None, None
+
+
 def pair_similarities(feat_ND: torch.Tensor, weight_leaf_uD: torch.Tensor, rows_inv_p: torch.Tensor,
                       samples_p: torch.Tensor, logit: str) -> torch.Tensor:
     """Similarity of each owned pair: cosine of (feature, weight row) or their dot product."""
     if logit == "cosine":
         feat_ND = F.normalize(feat_ND, dim=1)
         weight_leaf_uD = F.normalize(weight_leaf_uD, dim=1)
-    return (feat_ND[samples_p] * weight_leaf_uD[rows_inv_p]).sum(dim=1)
+    return _PairDot.apply(feat_ND, weight_leaf_uD, samples_p, rows_inv_p)
 
 
 def assemble(sim_recv: torch.Tensor, plan: PairPlan, per_rank: int) -> torch.Tensor:
