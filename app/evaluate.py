@@ -69,10 +69,10 @@ def main(argv=None) -> int:
         state = _load_for_eval(world, Path(args.run), args.checkpoint, args.set)
     except ValueError as exc:
         error = str(exc)
-    errors = [e for e in collectives.allgather_object(world, error) if e]
-    if errors:
+    error = collectives.first_error(world, error)
+    if error:
         if world.is_root:
-            print(f"error: {errors[0]}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr)
         world.shutdown()
         return 2
     backbone, classifier, reader, step, dtype = state

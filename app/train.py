@@ -43,12 +43,10 @@ def main(argv=None) -> int:
         trainer = Trainer(world, cfg, args.resume, log)
     except ValueError as exc:  # includes data_prep's DatasetError
         error = str(exc)
-    # Every rank validated the same inputs without communicating; agree before any collective
-    # so a rank that failed alone cannot leave the others waiting.
-    errors = [e for e in collectives.allgather_object(world, error) if e]
-    if errors:
+    error = collectives.first_error(world, error)
+    if error:
         if world.is_root:
-            print(f"error: {errors[0]}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr)
         world.shutdown()
         return 2
     summary = trainer.run()

@@ -84,6 +84,9 @@ class Trainer:
                                         cfg.train.eval_batch_size, cfg.seed, shuffle=False,
                                         drop_last=False, prefetch=cfg.data.prefetch)
         self.plan = make_plan(world, cfg, self.reader)
+        if world.device.type != "cpu":
+            log.warning("this rank sees %s, but the trainer computes on the CPU in this "
+                        "version (GPU placement is not implemented yet)", world.device)
         self.backbone, self.classifier, self.dtype = build_model(
             world, cfg, self.reader.input_shape, self.reader.num_classes)
         self.optimizer = data_parallel.build_backbone_optimizer(world, self.backbone, cfg.optim)

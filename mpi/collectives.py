@@ -254,3 +254,12 @@ def allgather_object(world, obj) -> list:
     if world.size == 1:
         return [obj]
     return world.comm.allgather(obj)
+
+
+def first_error(world, error: str | None) -> str | None:
+    """Collective agreement on a set-up failure: every rank passes its own error message (or
+    None) and all get the message of the lowest failing rank (or None). Entry points validate
+    their inputs without communicating, then call this before their first collective, so a rank
+    that failed alone exits cleanly with the others instead of leaving them waiting."""
+    errors = [e for e in allgather_object(world, error) if e]
+    return errors[0] if errors else None
