@@ -21,9 +21,11 @@ several families and splits many), so `auto` builds an IVF of its own and then r
 1. Cells shared by all ranks: spherical k-means (L = CELLS_PER_SQRT * sqrt(C) centroids; Lloyd
    iterations distributed over the ranks' parts of a seeded sample). Every class lives in its
    nearest cell and probes its CELLS_NPROBE nearest, computed once by its owner; the probes
-   travel with the rows around the same ring, and each rank multiplies the visiting rows that
-   probe a cell with its own members of that cell (one matrix product per cell, not faiss's
-   per-vector scan) and keeps the best CELLS_KEEP per probed cell.
+   travel with the rows around the same ring. Each rank lays out its members of a cell in
+   CELLS_KEEP groups (members that share their second-nearest cell, typically one family, dealt
+   round-robin over the groups), multiplies the visiting rows that probe the cell with its
+   members (one matrix product per cell, not faiss's per-vector scan) and keeps the best member
+   of each group: a max over a few rows instead of a top-k, which cost as much as the product.
 2. AUTO_REFINE passes of neighbours-of-neighbours (as NN-descent): every class takes as
    candidates the first REFINE_EXPAND entries of the rows of its first REFINE_FORWARD
    neighbours and of up to REFINE_REVERSE classes that list it among theirs (reverse edges);
@@ -31,9 +33,8 @@ several families and splits many), so `auto` builds an IVF of its own and then r
    Rows are fetched from their owners by alltoallv; the candidates not yet in a row travel the
    ring with the row and every rank scores those it owns (faiss's fused gather-dot). Probing
    several cells gives each family links across the cells that split it; the passes close them.
-Measured (app/bench_graph.py, docs/results/knn_graph.json): at C = 1M, D = 128, K = 64 on 2 ranks
-of 1 thread, recall 0.92 in 145 CPU-seconds per rank (the faiss IVF needs nprobe 16 for 0.90 at
-C = 100k, and costs more than twice as much at 1M).
+Measured (app/bench_graph.py, docs/results/knn_graph.json): see the table in app/bench_graph.py
+(the faiss IVF needs nprobe 16 for 0.90 at C = 100k, and costs more than twice as much at 1M).
 
 Column 0 is forced to be the class itself (similarity = its own cosine, 1 for a non-zero row),
 followed by its K-1 nearest OTHER classes, even when another class has an identical vector. K > C
@@ -96,11 +97,11 @@ IVF_NITER, IVF_TRAIN_PER_LIST = 10, 32
 # passes, forward and reverse neighbours expanded, entries taken from each expanded row. Tuned
 # on clustered weights at C = 1M (docs/results/knn_graph.json): 8 probes give a family enough
 # links across the cells that split it for two passes to reach recall 0.9.
-CELLS_PER_SQRT, CELLS_NPROBE, CELLS_KEEP, CELLS_TRAIN_PER_CELL, CELLS_NITER = 4.0, 8, 16, 16, 6
+CELLS_PER_SQRT, CELLS_NPROBE, CELLS_KEEP, CELLS_TRAIN_PER_CELL, CELLS_NITER = 4.0, 8, 12, 16, 6
 AUTO_REFINE = 2
-REFINE_FORWARD, REFINE_REVERSE, REFINE_EXPAND = 8, 8, 8
+REFINE_FORWARD, REFINE_REVERSE, REFINE_EXPAND = 6, 6, 8
 # Rows per chunk of the cell scan (its candidate buffers: rows x probes x kept x 12 bytes).
-CELLS_CHUNK_ROWS = 131_072
+CELLS_CHUNK_ROWS = 262_144
 GRAPH_VERSION = 1
 
 log = logging.getLogger("hundredm")
@@ -374,13 +375,44 @@ def _shared_cells(world, layout: _Layout, x_cD: np.ndarray, start: int, num_cell
     return collectives.broadcast_object(world, np.ascontiguousarray(centroids_LD))
 
 
+def _cell_order(cell_n: np.ndarray, num_cells: int) -> np.ndarray:
+    """Stable order of entries by cell: numpy radix-sorts 16-bit keys in O(n) (the cell ids of
+    up to 268M classes fit)."""
+    if num_cells <= np.iinfo(np.uint16).max:
+        cell_n = cell_n.astype(np.uint16)
+    return np.argsort(cell_n, kind="stable")
+
+
+def _cell_groups(x_cD: np.ndarray, start: int, probe_cp: np.ndarray, num_cells: int):
+    """This rank's members laid out cell by cell, each cell split into CELLS_KEEP groups of
+    g = ceil(members / CELLS_KEEP) rows (padded with zero rows of id -1), so that the scan keeps
+    the best member of every group (a max over g, far cheaper than a top-k). Members that share
+    their second-nearest cell (typically one family) are dealt round-robin over the groups, so
+    that they compete in different groups. Returns (rows G x D, ids G, cell bounds L + 1,
+    group size L)."""
+    order = np.lexsort((probe_cp[:, 1] if probe_cp.shape[1] > 1 else probe_cp[:, 0],
+                        probe_cp[:, 0]))
+    counts = np.bincount(probe_cp[:, 0], minlength=num_cells)
+    group = -(-counts // CELLS_KEEP)
+    bounds = np.concatenate([[0], np.cumsum(group * CELLS_KEEP)])
+    members_gD = np.zeros((int(bounds[-1]), x_cD.shape[1]), dtype=np.float32)
+    ids_g = np.full(int(bounds[-1]), -1, dtype=np.int64)
+    # Member t of a cell (in sorted order) goes to group t % KEEP, slot t // KEEP.
+    cell_of = probe_cp[order, 0].astype(np.int64)
+    t = np.arange(order.shape[0]) - np.concatenate([[0], np.cumsum(counts)])[cell_of]
+    dest = bounds[cell_of] + (t % CELLS_KEEP) * group[cell_of] + t // CELLS_KEEP
+    members_gD[dest] = x_cD[order]
+    ids_g[dest] = order + start
+    return torch.from_numpy(members_gD), torch.from_numpy(ids_g), bounds, group
+
+
 def _cells_search(world, layout: _Layout, x_cD: np.ndarray, start: int, k: int,
                   seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """First graph for `auto` at large C: an IVF whose cells are shared by all ranks and whose
-    scan is matrix products. Every class lives in its nearest cell and probes its
-    CELLS_NPROBE nearest (computed once, by its owner; the probes travel with the rows). On
-    the ring, each rank multiplies the visiting rows that probe a cell with its own members of
-    that cell, one GEMM per cell, and keeps the best K."""
+    """First graph for `auto` at large C: an IVF whose cells are shared by all ranks. Every
+    class lives in its nearest cell and probes its CELLS_NPROBE nearest (computed once, by its
+    owner; the probes travel with the rows). On the ring, each rank multiplies the visiting
+    rows that probe a cell with its own members of that cell (one GEMM per cell) and keeps the
+    best member of each of the cell's CELLS_KEEP groups; the K best of those are merged."""
     num_classes = int(layout.starts[-1])
     num_cells = int(max(1, min(num_classes // 4, round(CELLS_PER_SQRT * math.sqrt(num_classes)))))
     centroids_LD = _shared_cells(world, layout, x_cD, start, num_cells, seed)
@@ -390,42 +422,34 @@ def _cells_search(world, layout: _Layout, x_cD: np.ndarray, start: int, k: int,
     num_probe = min(CELLS_NPROBE, num_cells)
     probe_cp = quantizer.search(x_cD, num_probe)[1].astype(np.int32) if len(x_cD) else \
         np.zeros((0, num_probe), dtype=np.int32)
-    # This rank's members, sorted by cell: a cell's rows are one contiguous slice.
-    order = np.argsort(probe_cp[:, 0], kind="stable")
-    members_cD = torch.from_numpy(x_cD[order])
-    member_ids_t = torch.from_numpy(order.astype(np.int64) + start)
-    bounds = np.searchsorted(probe_cp[order, 0], np.arange(num_cells + 1))
-    # The best CELLS_KEEP of each probed cell: enough for a class's family (the refinement
-    # finds the rest), and topk of a few is cheaper than of K.
-    kk = min(k, CELLS_KEEP, int(np.diff(bounds).max(initial=0)))
+    members_gD, member_ids_t, bounds, group = _cell_groups(x_cD, start, probe_cp, num_cells)
 
     def visit(block):
         num_q = block["query"].shape[0]
-        if num_q == 0 or kk == 0:
+        if num_q == 0:
             return
-        # (query, probe) pairs grouped by cell, with the query rows copied in that order once,
-        # so that each cell's queries are one contiguous slice.
+        # (query, probe) pairs grouped by cell; each cell's queries are gathered (a few hundred
+        # rows, in cache), multiplied with its members, and the best of each of its groups
+        # written straight to the pairs' rows of the (query * probe, CELLS_KEEP) buffers.
         flat = block["probe"].reshape(-1)
-        pairs = np.argsort(flat, kind="stable")
+        pairs = _cell_order(flat, num_cells)
         pair_bounds = np.searchsorted(flat[pairs], np.arange(num_cells + 1))
-        query_pD = torch.from_numpy(block["query"][pairs // num_probe])
-        buf_score = torch.full((num_q * num_probe, kk), -math.inf)
-        buf_id = torch.full((num_q * num_probe, kk), -1, dtype=torch.int64)
-        for cell in np.flatnonzero((np.diff(pair_bounds) > 0) & (np.diff(bounds) > 0)):
-            a, z = pair_bounds[cell], pair_bounds[cell + 1]
-            members = members_cD[bounds[cell]:bounds[cell + 1]]
-            top = torch.topk(query_pD[a:z] @ members.T, min(kk, members.shape[0]), dim=1,
-                             sorted=False)
-            width = top.values.shape[1]
-            buf_score[a:z, :width] = top.values
-            buf_id[a:z, :width] = top.indices + int(bounds[cell])
-        # Back from cell order to (query, probe) order, local member index to global id.
-        unsort = torch.from_numpy(np.argsort(pairs))
-        buf_id = buf_id[unsort]
-        found = buf_id >= 0
-        buf_id[found] = member_ids_t[buf_id[found]]
+        pairs_t = torch.from_numpy(pairs)
+        query_qD = torch.from_numpy(block["query"])
+        buf_score = torch.full((num_q * num_probe, CELLS_KEEP), -math.inf)
+        buf_id = torch.full((num_q * num_probe, CELLS_KEEP), -1, dtype=torch.int64)
+        for cell in np.flatnonzero((np.diff(pair_bounds) > 0) & (group > 0)):
+            a, z = int(pair_bounds[cell]), int(pair_bounds[cell + 1])
+            lo, hi = int(bounds[cell]), int(bounds[cell + 1])
+            rows = pairs_t[a:z]
+            sim_qm = query_qD.index_select(0, rows // num_probe) @ members_gD[lo:hi].T
+            best = sim_qm.view(z - a, CELLS_KEEP, int(group[cell])).max(dim=2)
+            buf_score.index_copy_(0, rows, best.values)
+            buf_id.index_copy_(0, rows, member_ids_t[lo:hi][best.indices + torch.arange(
+                0, hi - lo, int(group[cell]))])
+        buf_score[buf_id < 0] = -math.inf  # padding
         block["score"], block["id"], _ = _merge_topk(
-            block["score"], block["id"], buf_score[unsort].numpy().reshape(num_q, -1),
+            block["score"], block["id"], buf_score.numpy().reshape(num_q, -1),
             buf_id.numpy().reshape(num_q, -1), k)
 
     fields = {"query": x_cD, "probe": probe_cp,
@@ -433,7 +457,7 @@ def _cells_search(world, layout: _Layout, x_cD: np.ndarray, start: int, k: int,
               "id": np.full((x_cD.shape[0], k), -1, dtype=np.int64)}
     got = _ring(world, layout, fields, visit, ("score", "id"), CELLS_CHUNK_ROWS)
     return got["score"], got["id"], (f"ivf: {num_cells} shared k-means cells, {num_probe} "
-                                     f"probed, scanned by matrix products")
+                                     f"probed, scanned by matrix products, best of {CELLS_KEEP} groups")
 
 
 # -- refinement: neighbours of neighbours -----------------------------------------------------

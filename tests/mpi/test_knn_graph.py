@@ -93,3 +93,20 @@ def test_write_graph_is_collective_and_reopens(world, tmp_path_factory):
     assert np.array_equal(opened.rows(np.arange(num_classes)), gather_rows(world, graph))
     assert np.array_equal(opened.rows(np.arange(num_classes))[:, 0], ref_ids[:, 0])
     world.barrier()  # nobody removes the file while another rank still reads it
+
+
+def test_cell_scan_probing_every_cell_is_exact(world, monkeypatch):
+    # With every cell probed and groups of one member (CELLS_KEEP >= any cell's members), the
+    # grouped cell scan of `auto` sees every class and keeps all of them: no refinement, and the
+    # ring-built graph must equal the exact one. Uneven split: rank 0 may own no class.
+    monkeypatch.setattr(knn_graph, "FLAT_MAX_CLASSES", 100)
+    monkeypatch.setattr(knn_graph, "CELLS_PER_SQRT", 0.5)
+    monkeypatch.setattr(knn_graph, "CELLS_NPROBE", 1000)
+    monkeypatch.setattr(knn_graph, "CELLS_KEEP", 600)
+    monkeypatch.setattr(knn_graph, "CELLS_CHUNK_ROWS", 50)
+    num_classes, k = 600, 9
+    weight = full_weight(num_classes, 12, seed=17)
+    start, stop = uneven_range(num_classes, world.rank, world.size)
+    graph = knn_graph.build_graph(world, weight[start:stop], start, num_classes, k, refine=0)
+    ref_ids, ref_sim = exact_graph(weight, k)
+    assert_same_graph(graph.neighbors_ck, ref_ids[start:stop], ref_sim[start:stop])

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from app import knn_graph
 from app.bench_graph import clustered_weights
@@ -82,6 +83,26 @@ def test_approximate_indexes_find_the_families(world, index, monkeypatch):
     assert np.array_equal(graph.neighbors_ck[:, 0], np.arange(4000))
     assert all(len(set(row)) == 16 for row in graph.neighbors_ck[::97].tolist())
     assert knn_graph.recall_at_k(world, weight, 0, 4000, graph, num_samples=500) >= 0.9
+
+
+def test_cell_groups_hold_every_member_once_and_deal_families_apart():
+    rng = np.random.default_rng(8)
+    probe_cp = np.stack([rng.integers(0, 5, 300), rng.integers(0, 3, 300)], axis=1)
+    x_cD = rng.standard_normal((300, 4)).astype(np.float32)
+    rows_gD, ids_g, bounds, group = knn_graph._cell_groups(x_cD, 1000, probe_cp, 7)
+    keep = knn_graph.CELLS_KEEP
+    assert np.array_equal(np.diff(bounds), group * keep)
+    assert sorted(ids_g[ids_g >= 0].tolist()) == list(range(1000, 1300))
+    assert torch.equal(rows_gD[ids_g >= 0], torch.from_numpy(x_cD[ids_g[ids_g >= 0] - 1000]))
+    assert not rows_gD[ids_g < 0].any()  # padding rows are zero
+    for cell in range(7):
+        ids = ids_g[bounds[cell]:bounds[cell + 1]].reshape(keep, -1)
+        assert set(probe_cp[ids[ids >= 0] - 1000, 0].tolist()) <= {cell}
+        # Members with the same second cell are spread over the groups: no group holds two of
+        # them before every group holds one.
+        for second in range(3):
+            per_group = [(probe_cp[g[g >= 0] - 1000, 1] == second).sum() for g in ids.numpy()]
+            assert max(per_group) - min(per_group) <= 1
 
 
 def test_refine_from_previous_graph_after_weights_moved(world):

@@ -39,3 +39,13 @@ def test_clear_errors():
         collectives.reduce_scatter(world, torch.zeros(4), [1, 2])
     with pytest.raises(TypeError, match="torch.Tensor"):
         collectives.allgather(world, [1, 2])
+
+
+def test_freed_memory_is_kept_for_reuse_on_glibc():
+    import platform
+
+    from mpi import world as world_mod
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert world_mod._keep_freed_memory() is True
