@@ -7,6 +7,9 @@ the exact command that produced them) and a PNG.
   accuracy  top-1 over all classes of full / sampled / knn (several K and random negatives) on
             the structured synthetic data at equal steps (each configuration one training run)
   graph     KNN graph build time and recall@K (app/bench_graph.py)
+  knn       the KNN softmax benchmark: runs the parts above with the settings the KNN softmax
+            is judged by (--parts; none = only the summary), then checks its targets against
+            their newest results and writes knn_targets.json / .png
 
 Benchmarks measure speed; tests check behaviour. Run them on an otherwise idle machine.
 """
@@ -34,9 +37,11 @@ def run_env() -> dict:
                 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 
 
-def write_result(name: str, result: dict, plot) -> Path:
+def write_result(name: str, result: dict, plot, argv: list[str]) -> Path:
+    """docs/results/NAME.json (with the command `python -m app.bench ARGV` that made it) and
+    NAME.png drawn by `plot(plt, result)`."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python -m app.bench " + " ".join(map(shlex.quote, sys.argv[1:])),
+    result = {"command": "python -m app.bench " + " ".join(map(shlex.quote, argv)),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **result}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -75,7 +80,7 @@ def bench_step(args) -> int:
             print(f"C={classes:>10} {mode:>8}: {m['samples_per_s']:9.0f} samples/s, "
                   f"{m['overhead_vs_backbone']:6.2f}x backbone step", flush=True)
     summary = _step_summary(runs)
-    write_result(args.name, {"runs": runs, "summary": summary}, _plot_step)
+    write_result(args.name, {"runs": runs, "summary": summary}, _plot_step, args.argv)
     for line in summary["lines"]:
         print(line)
     return 0
@@ -157,7 +162,7 @@ def bench_accuracy(args) -> int:
         print(f"{spec}: top-1 {entry['top1']:.4f} top-5 {entry['top5']:.4f} "
               f"({entry['wall_s']:.0f}s)", flush=True)
     write_result(args.name, {"classes": args.classes, "steps": args.steps, "ranks": args.np,
-                             "results": results}, _plot_accuracy)
+                             "results": results}, _plot_accuracy, args.argv)
     return 0
 
 
@@ -170,6 +175,159 @@ def _plot_accuracy(plt, result):
     ax.set_xlabel("top-1 over all classes (val)")
     ax.invert_yaxis()
     ax.set_title(f"C={result['classes']}, {result['steps']} steps, {result['ranks']} ranks")
+    return fig
+
+
+# -- the KNN softmax benchmark and its targets ------------------------------------------------
+
+KNN_PARTS = {
+    "accuracy": ["accuracy", "--classes", "100000", "--steps", "1000", "--name", "accuracy_100k",
+                 "--configs", "softmax.mode=full", "softmax.mode=sampled,softmax.sample_rate=0.00256",
+                 "softmax.mode=knn,softmax.k=64,softmax.random_negatives=64",
+                 "softmax.mode=knn,softmax.k=128,softmax.random_negatives=128",
+                 "softmax.mode=knn,softmax.k=256,softmax.random_negatives=256"],
+    "step": ["step", "--classes", "100000", "1000000", "10000000", "--steps", "3",
+             "--repeats", "3"],
+    "graph": ["graph", "--classes", "100000", "1000000"],
+}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _active(config: list[str]) -> int | None:
+    """Active classes per sample of a knn configuration (K + R), from its --set overrides."""
+    sets = dict(c.split("=", 1) for c in config)
+    if sets.get("softmax.mode") != "knn":
+        return None
+    return int(sets.get("softmax.k", 64)) + int(sets.get("softmax.random_negatives", 0))
+
+
+def knn_targets(accuracy: dict | None, step: dict | None, graph: dict | None) -> list[dict]:
+    """The KNN softmax targets, each checked against the newest result that measures it (None
+    where that benchmark has not been run)."""
+    out = []
+    if accuracy:
+        by_mode = {}
+        for r in accuracy["results"]:
+            by_mode.setdefault(dict(c.split("=", 1) for c in r["config"])["softmax.mode"],
+                               []).append(r)
+        full = max((r["top1"] for r in by_mode.get("full", [])), default=None)
+        knn = [r for r in by_mode.get("knn", []) if (_active(r["config"]) or 0) <= 512]
+        best = max(knn, key=lambda r: r["top1"], default=None)
+        if full is not None and best:
+            out.append({"target": "knn top-1 within 1 point of full or above (<= 512 active)",
+                        "measured": f"knn {' '.join(best['config'][1:])}: {best['top1']:.4f}, "
+                                    f"full {full:.4f}",
+                        "met": best["top1"] >= full - 0.01, "command": accuracy["command"]})
+        sampled = max((r["top1"] for r in by_mode.get("sampled", [])), default=None)
+        if sampled is not None and best:
+            out.append({"target": "knn far above sampled at the same active classes",
+                        "measured": f"knn {best['top1']:.4f}, sampled {sampled:.4f}",
+                        "met": best["top1"] >= 2 * sampled, "command": accuracy["command"]})
+    if step:
+        ratios = step["summary"]["ratios"]
+        if "knn_over_full_C1000000" in ratios:
+            r = ratios["knn_over_full_C1000000"]
+            out.append({"target": "knn samples/s >= 20x full at C = 1M",
+                        "measured": f"{r:.1f}x", "met": r >= 20, "command": step["command"]})
+        if "knn_C10000000_over_C100000" in ratios:
+            r = ratios["knn_C10000000_over_C100000"]
+            out.append({"target": "knn at C = 10M >= 0.8x its speed at C = 100k",
+                        "measured": f"{r:.2f}x", "met": r >= 0.8, "command": step["command"]})
+    if graph:
+        runs = [r for r in graph["runs"] if r["classes"] == 1_000_000 and r["setting"] == "auto"]
+        if runs:
+            r = runs[-1]
+            t = graph["target"]
+            out.append({"target": f"graph build at C = 1M <= {t['seconds']:.0f} s with "
+                                  f"recall_at_k >= {t['recall_at_k']}",
+                        "measured": f"{r['seconds']:.1f} s wall ({r['cpu_seconds']:.1f} CPU s), "
+                                    f"recall {r['recall_at_k']:.3f}",
+                        "met": bool(t["met"]), "command": graph["command"]})
+    return out
+
+
+def bench_knn(args) -> int:
+    for part in args.parts:
+        argv = KNN_PARTS[part]
+        print("running: python -m app.bench", " ".join(argv), flush=True)
+        if part == "graph":  # the graph benchmark runs under mpirun itself
+            cmd = mpirun(args.np, "-m", "app.bench_graph", *argv[1:])
+            rc = subprocess.run(cmd, cwd=ROOT, env=run_env()).returncode
+        else:
+            rc = main(argv)
+        if rc != 0:
+            print(f"error: the {part} part failed (exit {rc})", file=sys.stderr)
+            return rc
+    accuracy, step, graph = _load("accuracy_100k"), _load("step_throughput"), _load("knn_graph")
+    targets = knn_targets(accuracy, step, graph)
+    for t in targets:
+        print(f"{'MET    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['measured']}")
+    missing = [n for n, r in (("accuracy_100k", accuracy), ("step_throughput", step),
+                              ("knn_graph", graph)) if r is None]
+    if missing:
+        print("no result yet for: " + ", ".join(missing) + " (run those parts)")
+    write_result("knn_targets", {"targets": targets, "results": {
+        "accuracy": accuracy, "step": step, "graph": graph}}, _plot_knn, args.argv)
+    return 0
+
+
+def _plot_knn(plt, result):
+    """Three panels: top-1 of each mode at C = 100k, knn's samples/s over full's, and the graph
+    build's recall against time at 1M with the target box."""
+    res = result["results"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    if res["accuracy"]:
+        rows = res["accuracy"]["results"]
+        labels = [" ".join(c.replace("softmax.", "") for c in r["config"]) for r in rows]
+        ax.barh(labels, [r["top1"] for r in rows],
+                color=["C1" if "mode=knn" in l else "C0" for l in labels])
+        for y, r in enumerate(rows):
+            ax.text(r["top1"], y, f" {r['top1']:.3f}", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel(f"top-1, C={res['accuracy']['classes']:,}, {res['accuracy']['steps']} steps")
+    ax.set_title("accuracy at equal steps")
+    ax = axes[1]
+    if res["step"]:
+        runs = res["step"]["runs"]
+        cs = [r["classes"] for r in runs]
+        for mode in ("full", "sampled", "knn"):
+            pts = [(r["classes"], r["modes"][mode]["samples_per_s"]) for r in runs
+                   if mode in r["modes"]]
+            ax.plot([c for c, _ in pts], [v for _, v in pts], "o-", label=mode)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(cs)
+        ax.set_xlabel("classes C")
+        ax.set_ylabel("samples/s (2 ranks)")
+        ax.legend()
+    ax.set_title("step throughput")
+    ax = axes[2]
+    if res["graph"]:
+        for r in res["graph"]["runs"]:
+            ax.scatter(r["seconds"], r["recall_at_k"], color="C2" if r["setting"] == "auto"
+                       else "C7")
+            ax.annotate(f"{r['setting']} {r['classes'] // 1000}k", (r["seconds"],
+                        r["recall_at_k"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        t = res["graph"]["target"]
+        ax.axhline(t["recall_at_k"], color="grey", ls="--", lw=0.8)
+        ax.axvline(t["seconds"], color="grey", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: PLC0415
+
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("build wall seconds")
+        ax.set_ylabel("recall_at_k")
+    ax.set_title("KNN graph build (target: 1M inside the dashed corner)")
+    met = sum(t["met"] for t in result["targets"])
+    fig.suptitle(f"KNN softmax: {met} of {len(result['targets'])} targets met")
+    fig.tight_layout()
     return fig
 
 
@@ -206,7 +364,16 @@ def main(argv=None) -> int:
     a.add_argument("--name", default="accuracy_100k")
     g = sub.add_parser("graph", help="KNN graph build time and recall (app/bench_graph.py)")
     g.add_argument("rest", nargs=argparse.REMAINDER)
+    k = sub.add_parser("knn", help="the KNN softmax benchmark: accuracy, step and graph parts, "
+                                   "then its targets (knn_targets.json / .png)")
+    k.add_argument("--parts", nargs="*", default=list(KNN_PARTS), choices=list(KNN_PARTS),
+                   help="parts to run before the summary (default: all; none: only the "
+                        "summary of the newest results)")
+    k.add_argument("--np", type=int, default=2, help="ranks of the graph part (default: 2)")
     args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.what == "knn":
+        return bench_knn(args)
     if args.what == "step":
         return bench_step(args)
     if args.what == "accuracy":
