@@ -191,7 +191,11 @@ class SoftmaxConfig:
 class KnnConfig:
     """The KNN graph over the class weights (knn softmax mode only).
 
-    refresh_every: steps between rebuilds of the graph as the weights move.
+    refresh_every: steps between refreshes of the graph as the weights move.
+    rebuild_every: every how many refreshes the graph is searched from scratch; the refreshes
+        between refine the graph in use instead (its rows rescored under the current weights,
+        then neighbours-of-neighbours passes): cheaper, and enough while the weights move
+        little between refreshes. 1 = always rebuild.
     index: faiss index (`flat` exact, `ivf`, `hnsw`; `auto` picks by class count).
     nprobe: IVF lists searched per query.
     init: the graph before the first rebuild: from the classes' mean features (`centres`) or
@@ -199,12 +203,14 @@ class KnnConfig:
     """
 
     refresh_every: int = 100
+    rebuild_every: int = 1
     index: str = "auto"
     nprobe: int = 16
     init: str = "centres"
 
     def __post_init__(self) -> None:
         _check_at_least("knn.refresh_every", self.refresh_every, 1)
+        _check_at_least("knn.rebuild_every", self.rebuild_every, 1)
         _check_choice("knn.index", self.index, ("flat", "ivf", "hnsw", "auto"))
         _check_at_least("knn.nprobe", self.nprobe, 1)
         _check_choice("knn.init", self.init, ("centres", "random"))

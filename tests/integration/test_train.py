@@ -133,19 +133,28 @@ def test_knn_mode_trains_refreshes_and_resumes(vectors_dataset, tmp_path):
     import numpy as np
 
     knn = ["softmax.mode=knn", "softmax.k=8", "softmax.random_negatives=4",
-           "knn.refresh_every=5", "knn.index=flat", "knn.init=centres"]
+           "knn.refresh_every=4", "knn.rebuild_every=3", "knn.index=flat", "knn.init=centres"]
     whole = train(2, vectors_dataset, tmp_path / "whole", 12, 24, *knn)
     assert whole.returncode == 0, whole.stderr[-3000:]
     trace = losses(tmp_path / "whole")
     assert trace[-1][1] < trace[0][1]
     graphs = sorted((tmp_path / "whole/knn").glob("graph-step-*.h5"))
-    assert [g.name for g in graphs] == ["graph-step-00000000.h5", "graph-step-00000005.h5",
-                                        "graph-step-00000010.h5"]
+    assert [g.name for g in graphs] == ["graph-step-00000000.h5", "graph-step-00000004.h5",
+                                        "graph-step-00000008.h5"]
     with h5py.File(graphs[0]) as first, h5py.File(graphs[-1]) as last:
         assert first.attrs["num_classes"] == 60 and first["neighbors"].shape == (60, 8)
         assert np.array_equal(first["neighbors"][:, 0], np.arange(60))
         # Training moved the weights, so the refreshed graph differs from the initial one.
         assert not np.array_equal(first["neighbors"][:], last["neighbors"][:])
+    # knn.rebuild_every=3: the refresh at step 4 rebuilds (the graph in use is of class
+    # centres, not of the weights), the one at step 8 refines the step-4 graph.
+    indexes = []
+    for g in graphs:
+        with h5py.File(g) as f:
+            indexes.append(f.attrs["index"])
+            assert np.array_equal(f["neighbors"][:, 0], np.arange(60))
+            assert f.attrs["recall_at_k"] > 0.9
+    assert indexes == ["flat", "flat", "refine"]
     metrics = [json.loads(x) for x in (tmp_path / "whole/metrics.jsonl").read_text().splitlines()]
     assert sum(m["knn_build_s"] > 0 for m in metrics) == 3
 
