@@ -69,6 +69,21 @@ def clustered_weights(num_classes: int, dim: int, start: int, stop: int, family:
     return rows_cD.astype(np.float32)
 
 
+def drifted(rows_cD: np.ndarray, start: int, drift: float, seed: int) -> np.ndarray:
+    """The rows after training moved them a little: + drift * N(0, I/D), renormalised (the same
+    rows whatever the partition)."""
+    out = rows_cD.astype(np.float64)
+    dim = rows_cD.shape[1]
+    stop = start + rows_cD.shape[0]
+    for block in range(start // _BLOCK, math.ceil(stop / _BLOCK)):
+        lo, hi = block * _BLOCK, (block + 1) * _BLOCK
+        noise = np.random.default_rng([seed, 4, block]).standard_normal((_BLOCK, dim))
+        a, z = max(lo, start), min(hi, stop)
+        out[a - start:z - start] += drift / math.sqrt(dim) * noise[a - lo:z - lo]
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out.astype(np.float32)
+
+
 def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app.bench graph",
                                 description=__doc__.split("\n\n")[0])
@@ -80,8 +95,10 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--spread", type=float, default=0.75,
                    help="per-class offset from the family centre (default: 0.75)")
     p.add_argument("--settings", nargs="+",
-                   default=["auto", "flat", "ivf", "ivf:nprobe=4", "hnsw"],
-                   help="index settings: INDEX[:nprobe=N][:refine=R] (default: %(default)s)")
+                   default=["auto", "auto:refresh", "flat", "ivf", "ivf:nprobe=4", "hnsw"],
+                   help="index settings: INDEX[:nprobe=N][:refine=R][:refresh] (default: "
+                        "%%(default)s); `refresh` times the refinement of an INDEX graph after "
+                        "the weights drifted (--drift), as knn.rebuild_every does in training")
     p.add_argument("--max-slow-classes", type=int, default=100_000,
                    help="run settings other than auto only up to this many classes "
                         "(default: %(default)s)")
@@ -89,6 +106,9 @@ def parse_args(argv) -> argparse.Namespace:
                    help="target wall seconds at C = 1M for auto (default: 90)")
     p.add_argument("--target-recall", type=float, default=0.9,
                    help="target recall_at_k at C = 1M for auto (default: 0.9)")
+    p.add_argument("--drift", type=float, default=0.1,
+                   help="refresh settings: rows move by drift * N(0, I/D), renormalised "
+                        "(default: 0.1, a cosine of about 0.995 to where they were)")
     p.add_argument("--samples", type=int, default=1000, help="classes sampled for recall")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and sampling")
     p.add_argument("--name", default="knn_graph", help="docs/results/NAME.json and .png")
@@ -97,10 +117,10 @@ def parse_args(argv) -> argparse.Namespace:
 
 def _setting(text: str) -> dict:
     index, *opts = text.split(":")
-    out = {"index": index, "nprobe": 16, "refine": None}
+    out = {"index": index, "nprobe": 16, "refine": None, "refresh": "refresh" in opts}
     if index not in ("flat", "ivf", "hnsw", "auto"):
         raise ValueError(f"--settings {text!r}: unknown index {index!r}")
-    for opt in opts:
+    for opt in (o for o in opts if o != "refresh"):
         key, _, value = opt.partition("=")
         if key not in ("nprobe", "refine") or not value.isdigit():
             raise ValueError(f"--settings {text!r}: expected nprobe=N or refine=R, got {opt!r}")
@@ -131,13 +151,18 @@ def main(argv=None) -> int:
         for text, setting in zip(args.settings, settings):
             if setting["index"] != "auto" and num_classes > args.max_slow_classes:
                 continue
+            rows_now, init = rows_cD, None
+            if setting["refresh"]:  # the graph before the drift is built untimed
+                init = knn_graph.build_graph(world, rows_cD, start, num_classes, args.k,
+                                             setting["index"], setting["nprobe"], args.seed)
+                rows_now = drifted(rows_cD, start, args.drift, args.seed)
             world.barrier()
             cpu0 = time.process_time()
-            graph = knn_graph.build_graph(world, rows_cD, start, num_classes, args.k,
+            graph = knn_graph.build_graph(world, rows_now, start, num_classes, args.k,
                                           setting["index"], setting["nprobe"], args.seed,
-                                          refine=setting["refine"])
+                                          refine=setting["refine"], init=init)
             cpu = time.process_time() - cpu0
-            recall = knn_graph.recall_at_k(world, rows_cD, start, num_classes, graph,
+            recall = knn_graph.recall_at_k(world, rows_now, start, num_classes, graph,
                                            args.samples, args.seed)
             times = collectives.allgather_object(world, (graph.seconds, cpu))
             run = {"classes": num_classes, "setting": text, "index": graph.index,
