@@ -92,6 +92,11 @@ class ModelConfig:
         linear projection).
     resnet_blocks: basic blocks per stage; the stage count is its length.
     resnet_width: channels of the first stage, doubled by every following stage.
+    classifier_init: the classifier rows at step 0: `random` (N(0, 1/D)) or `centres` (each
+        class's mean feature under the initial backbone, scaled to unit norm: "imprinted"
+        weights, one pass over the train split; a class without samples keeps its random row).
+        With knn.init=centres the same pass gives the first KNN graph, which is then a graph of
+        the weights.
     """
 
     backbone: str = "mlp"
@@ -100,9 +105,11 @@ class ModelConfig:
     mlp_layers: int = 2
     resnet_blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
     resnet_width: int = 16
+    classifier_init: str = "random"
 
     def __post_init__(self) -> None:
         _check_choice("model.backbone", self.backbone, ("mlp", "resnet"))
+        _check_choice("model.classifier_init", self.classifier_init, ("random", "centres"))
         _check_at_least("model.embedding_dim", self.embedding_dim, 1)
         _check_at_least("model.mlp_hidden", self.mlp_hidden, 1)
         _check_at_least("model.mlp_layers", self.mlp_layers, 0)

@@ -144,14 +144,20 @@ class KnnGraphs:
         return step > 0 and step % self.cfg.refresh_every == 0 and step != self.built_at
 
 
-def initial_rows(world, cfg, backbone, classifier, dtype):
-    """Rows to build the first graph from: class centres under the initial backbone (one pass
-    over the train split), or None for a random graph (`knn.init=random`)."""
-    if cfg.knn.init == "random":
-        return None
+def train_centres(world, cfg, backbone, classifier, dtype) -> torch.Tensor:
+    """This rank's class centres under the current backbone, from one pass over the train
+    split (`class_centres`)."""
     from data_prep.reader import ShardedReader  # noqa: PLC0415
 
     with ShardedReader(cfg.data.path, "train", world.rank, world.size, cfg.train.eval_batch_size,
                        cfg.seed, shuffle=False, drop_last=False, prefetch=cfg.data.prefetch) as r:
         return class_centres(world, backbone, r, classifier, dtype)
 
+
+def imprint(classifier, centres_cD: torch.Tensor) -> None:
+    """Classifier rows := the class centres at unit norm (`model.classifier_init=centres`); a
+    class without samples (its centre is its own row) keeps its row."""
+    norm_c1 = centres_cD.norm(dim=1, keepdim=True)
+    fresh = (centres_cD != classifier.weight_cD).any(dim=1, keepdim=True) & (norm_c1 > 0)
+    rows_cD = torch.where(fresh, centres_cD / norm_c1.clamp_min(1e-30), classifier.weight_cD)
+    classifier.weight_cD.copy_(rows_cD.to(classifier.weight_cD.dtype))

@@ -23,7 +23,7 @@ from app import checkpoint, data_parallel
 from app.backbones import augment_images
 from app.config import Config, config_hash, config_to_yaml
 from app.evaluate import as_input, evaluate
-from app.knn_state import KnnGraphs, initial_rows
+from app.knn_state import KnnGraphs, imprint, train_centres
 from app.model import build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
 from app.schedule import LRSchedule
@@ -171,15 +171,23 @@ class Trainer:
         evals = JsonLines(self.run_dir / "eval.jsonl", world.is_root)
         grad_bytes = data_parallel.gradient_bytes(world, self.backbone)
         window = _Window()
+        centres = None
+        if self.start_step == 0 and (cfg.model.classifier_init == "centres" or (
+                self.graphs is not None and cfg.knn.init == "centres")):
+            centres = train_centres(world, cfg, self.backbone, self.classifier, self.dtype)
+        if self.start_step == 0 and cfg.model.classifier_init == "centres":
+            imprint(self.classifier, centres)
         if self.graphs is not None and self.classifier.graph is None:
-            rows = None
-            if self.start_step == 0:
-                rows = initial_rows(world, cfg, self.backbone, self.classifier, self.dtype)
-            else:  # resumed, but the graph file was lost
-                rows = self.classifier.weight_cD
+            if self.start_step > 0:  # resumed, but the graph file was lost
+                rows, why = self.classifier.weight_cD, "rebuilt"
+            elif cfg.knn.init == "random":
+                rows, why = None, "initial"
+            elif cfg.model.classifier_init == "centres":  # the weights are the centres
+                rows, why = self.classifier.weight_cD, "initial from the imprinted weights"
+            else:
+                rows, why = centres, "initial"
             window.knn_build_s += self.graphs.build(self.start_step, self.classifier, rows,
-                                                    "initial" if self.start_step == 0
-                                                    else "rebuilt")
+                                                    why)
         world.traffic.reset()
         bar = progress_bar(world, cfg.train.steps, self.start_step, f"train {cfg.softmax.mode}")
         last_eval, loss_value, stopped_at = None, float("nan"), None

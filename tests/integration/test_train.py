@@ -167,6 +167,27 @@ def test_knn_mode_trains_refreshes_and_resumes(vectors_dataset, tmp_path):
     assert_traces_equal(losses(tmp_path / "crash"), trace)
 
 
+def test_imprinted_classifier_starts_lower_and_knn_graph_is_of_the_weights(vectors_dataset,
+                                                                           tmp_path):
+    import h5py
+
+    knn = ["softmax.mode=knn", "softmax.k=8", "softmax.random_negatives=4", "knn.index=flat",
+           "knn.refresh_every=4", "knn.rebuild_every=2", "train.log_every=1"]
+    plain = train(2, vectors_dataset, tmp_path / "plain", 6, 24, *knn)
+    imprinted = train(2, vectors_dataset, tmp_path / "imprinted", 6, 24, *knn,
+                      "model.classifier_init=centres")
+    assert plain.returncode == 0 and imprinted.returncode == 0, imprinted.stderr[-3000:]
+    # Rows at the class centres score each sample's label far above chance from step 0.
+    assert losses(tmp_path / "imprinted")[0][1] < 0.7 * losses(tmp_path / "plain")[0][1]
+    # The first graph is a graph of the (imprinted) weights, so the first refresh may refine it.
+    graphs = sorted((tmp_path / "imprinted/knn").glob("graph-step-*.h5"))
+    with h5py.File(graphs[0]) as first, h5py.File(graphs[1]) as second:
+        assert (first.attrs["index"], second.attrs["index"]) == ("flat", "refine")
+    plain_graphs = sorted((tmp_path / "plain/knn").glob("graph-step-*.h5"))
+    with h5py.File(plain_graphs[1]) as second:
+        assert second.attrs["index"] == "flat"  # the graph of class centres is rebuilt
+
+
 def test_sigusr1_stops_all_ranks_with_a_checkpoint_and_resume_continues(vectors_dataset,
                                                                         tmp_path):
     import signal

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from app.classifier import ShardedClassifier
+from app.classifier import ShardedClassifier, init_rows
 from app.config import OptimConfig, SoftmaxConfig
 from mpi.world import World
 
@@ -41,3 +41,18 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
     entry = shard(0, 2).save(tmp_path)
     with pytest.raises(ValueError, match="covers 0 of this rank's"):
         shard(1, 2).load(tmp_path, [entry])
+
+
+def test_imprint_sets_unit_rows_along_the_centres_and_keeps_unseen_classes():
+    from types import SimpleNamespace
+
+    from app.knn_state import imprint
+
+    weight = init_rows(3, 0, 5, 4, torch.float32)
+    before = weight.clone()
+    centres = weight.clone()
+    centres[[0, 2, 3]] = torch.tensor([[3.0, 0, 0, 4], [0, 2, 0, 0], [1, 1, 1, 1]])
+    imprint(SimpleNamespace(weight_cD=weight), centres)
+    assert torch.allclose(weight[[0, 2, 3]], torch.tensor([[0.6, 0, 0, 0.8], [0, 1.0, 0, 0],
+                                                          [0.5, 0.5, 0.5, 0.5]]))
+    assert torch.equal(weight[[1, 4]], before[[1, 4]])  # classes without samples
