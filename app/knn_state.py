@@ -43,7 +43,7 @@ def class_centres(world, backbone, reader, classifier, dtype) -> torch.Tensor:
     centres_cD = classifier.weight_cD.to(torch.float64).clone()
     seen = counts_c > 0
     centres_cD[seen] = sums_cD[seen] / counts_c[seen].unsqueeze(1)
-    return centres_cD.to(torch.float32)
+    return centres_cD.to(classifier.weight_cD.dtype)
 
 
 class KnnGraphs:
