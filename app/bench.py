@@ -183,9 +183,13 @@ def _plot_accuracy(plt, result):
 KNN_PARTS = {
     "accuracy": ["accuracy", "--classes", "100000", "--steps", "1000", "--name", "accuracy_100k",
                  "--configs", "softmax.mode=full", "softmax.mode=sampled,softmax.sample_rate=0.00256",
-                 "softmax.mode=knn,softmax.k=64,softmax.random_negatives=64",
-                 "softmax.mode=knn,softmax.k=128,softmax.random_negatives=128",
-                 "softmax.mode=knn,softmax.k=256,softmax.random_negatives=256"],
+                 # random rows, as these were measured before classifier_init=auto
+                 "softmax.mode=knn,softmax.k=64,softmax.random_negatives=64,"
+                 "model.classifier_init=random",
+                 "softmax.mode=knn,softmax.k=128,softmax.random_negatives=128,"
+                 "model.classifier_init=random",
+                 "softmax.mode=knn,softmax.k=256,softmax.random_negatives=256,"
+                 "model.classifier_init=random"],
     "accuracy-imprinted": [
         "accuracy", "--classes", "100000", "--steps", "1000", "--name", "accuracy_100k_imprinted",
         "--configs", "softmax.mode=full,model.classifier_init=centres",
@@ -354,6 +358,12 @@ def _plot_knn(plt, result):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["graph"]:
+        # argparse cannot hand options after a subcommand on as a remainder: pass them directly.
+        from app import bench_graph  # noqa: PLC0415
+
+        return bench_graph.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -393,7 +403,7 @@ def main(argv=None) -> int:
                         "summary of the newest results)")
     k.add_argument("--np", type=int, default=2, help="ranks of the graph part (default: 2)")
     args = p.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.argv = argv
     if args.what == "knn":
         return bench_knn(args)
     if args.what == "step":

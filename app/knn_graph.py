@@ -93,14 +93,16 @@ HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 40, 64
 # IVF k-means: iterations and training rows per list (on a seeded sample of the local rows).
 IVF_NITER, IVF_TRAIN_PER_LIST = 10, 32
 # `auto` above FLAT_MAX_CLASSES (module docstring): cells per sqrt(C), cells probed per class,
-# best members kept per probed cell, k-means sample rows per cell and iterations; refinement
-# passes, forward and reverse neighbours expanded, entries taken from each expanded row. Tuned
-# on clustered weights at C = 1M (docs/results/knn_graph.json): 8 probes give a family enough
-# links across the cells that split it for two passes to reach recall 0.9.
+# groups per cell (the best member of each is kept), k-means sample rows per cell and
+# iterations; refinement passes, forward and reverse neighbours expanded, entries taken from
+# each expanded row. Tuned on clustered weights at C = 1M (docs/results/knn_graph.json): 8
+# probes give a family enough links across the cells that split it for two passes to reach
+# recall 0.9; 12 groups keep that recall (8 lose 0.002), and 6 + 6 expanded neighbours cost a
+# third less than 8 + 8 for 0.01 of recall.
 CELLS_PER_SQRT, CELLS_NPROBE, CELLS_KEEP, CELLS_TRAIN_PER_CELL, CELLS_NITER = 4.0, 8, 12, 16, 6
 AUTO_REFINE = 2
 REFINE_FORWARD, REFINE_REVERSE, REFINE_EXPAND = 6, 6, 8
-# Rows per chunk of the cell scan (its candidate buffers: rows x probes x kept x 12 bytes).
+# Rows per chunk of the cell scan (its candidate buffers: rows x probes x groups x 12 bytes).
 CELLS_CHUNK_ROWS = 262_144
 GRAPH_VERSION = 1
 

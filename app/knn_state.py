@@ -154,6 +154,13 @@ def train_centres(world, cfg, backbone, classifier, dtype) -> torch.Tensor:
         return class_centres(world, backbone, r, classifier, dtype)
 
 
+def imprints(cfg) -> bool:
+    """Whether the classifier rows start at the class centres (`model.classifier_init`)."""
+    init = cfg.model.classifier_init
+    return init == "centres" or (init == "auto" and cfg.softmax.mode == "knn"
+                                 and cfg.knn.init == "centres")
+
+
 def imprint(classifier, centres_cD: torch.Tensor) -> None:
     """Classifier rows := the class centres at unit norm (`model.classifier_init=centres`); a
     class without samples (its centre is its own row) keeps its row."""

@@ -23,7 +23,7 @@ from app import checkpoint, data_parallel
 from app.backbones import augment_images
 from app.config import Config, config_hash, config_to_yaml
 from app.evaluate import as_input, evaluate
-from app.knn_state import KnnGraphs, imprint, train_centres
+from app.knn_state import KnnGraphs, imprint, imprints, train_centres
 from app.model import build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
 from app.schedule import LRSchedule
@@ -172,17 +172,18 @@ class Trainer:
         grad_bytes = data_parallel.gradient_bytes(world, self.backbone)
         window = _Window()
         centres = None
-        if self.start_step == 0 and (cfg.model.classifier_init == "centres" or (
-                self.graphs is not None and cfg.knn.init == "centres")):
+        imprinted = imprints(cfg)
+        if self.start_step == 0 and (imprinted or (self.graphs is not None
+                                                   and cfg.knn.init == "centres")):
             centres = train_centres(world, cfg, self.backbone, self.classifier, self.dtype)
-        if self.start_step == 0 and cfg.model.classifier_init == "centres":
+        if self.start_step == 0 and imprinted:
             imprint(self.classifier, centres)
         if self.graphs is not None and self.classifier.graph is None:
             if self.start_step > 0:  # resumed, but the graph file was lost
                 rows, why = self.classifier.weight_cD, "rebuilt"
             elif cfg.knn.init == "random":
                 rows, why = None, "initial"
-            elif cfg.model.classifier_init == "centres":  # the weights are the centres
+            elif imprinted:  # the weights are the centres
                 rows, why = self.classifier.weight_cD, "initial from the imprinted weights"
             else:
                 rows, why = centres, "initial"
