@@ -61,12 +61,19 @@ def clustered_weights(num_classes: int, dim: int, start: int, stop: int, family:
         lo, hi = block * _BLOCK, min((block + 1) * _BLOCK, num_families)
         centres_fD[lo:hi] = np.random.default_rng([seed, 2, block]).standard_normal((hi - lo, dim))
     centres_fD /= np.linalg.norm(centres_fD, axis=1, keepdims=True)
-    rows_cD = centres_fD[family_of]
+    return _add_noise(centres_fD[family_of], start, spread, [seed, 3])
+
+
+def _add_noise(rows_cD: np.ndarray, start: int, scale: float, key: list) -> np.ndarray:
+    """float32 unit rows of rows_cD (float64, rows [start, start + n), changed in place) +
+    scale * N(0, I/D), the noise drawn per keyed block of _BLOCK rows so that it is the same
+    whatever the partition."""
+    dim, stop = rows_cD.shape[1], start + rows_cD.shape[0]
     for block in range(start // _BLOCK, math.ceil(stop / _BLOCK)):
         lo, hi = block * _BLOCK, (block + 1) * _BLOCK
-        noise = np.random.default_rng([seed, 3, block]).standard_normal((_BLOCK, dim))
+        noise = np.random.default_rng([*key, block]).standard_normal((_BLOCK, dim))
         a, z = max(lo, start), min(hi, stop)
-        rows_cD[a - start:z - start] += spread / math.sqrt(dim) * noise[a - lo:z - lo]
+        rows_cD[a - start:z - start] += scale / math.sqrt(dim) * noise[a - lo:z - lo]
     rows_cD /= np.linalg.norm(rows_cD, axis=1, keepdims=True)
     return rows_cD.astype(np.float32)
 
@@ -74,16 +81,7 @@ def clustered_weights(num_classes: int, dim: int, start: int, stop: int, family:
 def drifted(rows_cD: np.ndarray, start: int, drift: float, seed: int) -> np.ndarray:
     """The rows after training moved them a little: + drift * N(0, I/D), renormalised (the same
     rows whatever the partition)."""
-    out = rows_cD.astype(np.float64)
-    dim = rows_cD.shape[1]
-    stop = start + rows_cD.shape[0]
-    for block in range(start // _BLOCK, math.ceil(stop / _BLOCK)):
-        lo, hi = block * _BLOCK, (block + 1) * _BLOCK
-        noise = np.random.default_rng([seed, 4, block]).standard_normal((_BLOCK, dim))
-        a, z = max(lo, start), min(hi, stop)
-        out[a - start:z - start] += drift / math.sqrt(dim) * noise[a - lo:z - lo]
-    out /= np.linalg.norm(out, axis=1, keepdims=True)
-    return out.astype(np.float32)
+    return _add_noise(rows_cD.astype(np.float64), start, drift, [seed, 4])
 
 
 def parse_args(argv) -> argparse.Namespace:
