@@ -36,54 +36,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+
+from data_prep.clustered_rows import clustered_weights, drifted
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-_BLOCK = 8192  # rows (and family centres) drawn per keyed RNG block: partition-independent
-
-
-def clustered_weights(num_classes: int, dim: int, start: int, stop: int, family: int = 16,
-                      spread: float = 0.75, seed: int = 0) -> np.ndarray:
-    """Rows [start, stop) (float32, unit norm) of the synthetic clustered classifier above; the
-    same rows whatever the partition."""
-    family_of = np.random.default_rng([seed, 1]).permutation(num_classes)[start:stop] // family
-    num_families = math.ceil(num_classes / family)
-    centres_fD = np.empty((num_families, dim), dtype=np.float64)
-    for block in range(math.ceil(num_families / _BLOCK)):
-        lo, hi = block * _BLOCK, min((block + 1) * _BLOCK, num_families)
-        centres_fD[lo:hi] = np.random.default_rng([seed, 2, block]).standard_normal((hi - lo, dim))
-    centres_fD /= np.linalg.norm(centres_fD, axis=1, keepdims=True)
-    return _add_noise(centres_fD[family_of], start, spread, [seed, 3])
-
-
-def _add_noise(rows_cD: np.ndarray, start: int, scale: float, key: list) -> np.ndarray:
-    """float32 unit rows of rows_cD (float64, rows [start, start + n), changed in place) +
-    scale * N(0, I/D), the noise drawn per keyed block of _BLOCK rows so that it is the same
-    whatever the partition."""
-    dim, stop = rows_cD.shape[1], start + rows_cD.shape[0]
-    for block in range(start // _BLOCK, math.ceil(stop / _BLOCK)):
-        lo, hi = block * _BLOCK, (block + 1) * _BLOCK
-        noise = np.random.default_rng([*key, block]).standard_normal((_BLOCK, dim))
-        a, z = max(lo, start), min(hi, stop)
-        rows_cD[a - start:z - start] += scale / math.sqrt(dim) * noise[a - lo:z - lo]
-    rows_cD /= np.linalg.norm(rows_cD, axis=1, keepdims=True)
-    return rows_cD.astype(np.float32)
-
-
-def drifted(rows_cD: np.ndarray, start: int, drift: float, seed: int) -> np.ndarray:
-    """The rows after training moved them a little: + drift * N(0, I/D), renormalised (the same
-    rows whatever the partition)."""
-    return _add_noise(rows_cD.astype(np.float64), start, drift, [seed, 4])
-
-
 def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app.bench graph",
                                 description=__doc__.split("\n\n")[0])

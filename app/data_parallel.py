@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from mpi import collectives
+
 
 def build_backbone_optimizer(world, model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
     """The backbone's optimizer (SGD with momentum or AdamW), wrapped in Horovod's
@@ -44,7 +46,7 @@ def broadcast_initial_state(world, model: torch.nn.Module) -> None:
 def gradient_bytes(world, model: torch.nn.Module) -> int:
     """Bytes this rank sends per step for the dense backbone allreduce (ring: 2 (P-1)/P)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return 2 * total * (world.size - 1) // world.size
+    return collectives.ring_allreduce_bytes(world, total)
 
 
 def step(world, optimizer) -> float:

@@ -108,8 +108,8 @@ def _load_for_eval(world, run_dir, checkpoint_dir, overrides):
                            cfg.train.eval_batch_size, cfg.seed, shuffle=False, drop_last=False,
                            prefetch=cfg.data.prefetch)
     backbone, classifier, dtype = build_model(world, cfg, reader.input_shape, reader.num_classes)
-    manifest = checkpoint.read_manifest(directory, reader.num_classes, cfg.model.embedding_dim)
-    state = checkpoint.load(directory, manifest, classifier)
+    manifest, state = checkpoint.restore(directory, reader.num_classes, cfg.model.embedding_dim,
+                                         classifier)
     backbone.load_state_dict(state["backbone"])
     return backbone, classifier, reader, int(manifest["step"]), dtype
 

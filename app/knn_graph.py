@@ -71,7 +71,6 @@ neighbours per sampled class (min(10, K)), b = rows of a random-graph block.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -1000,61 +999,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _read_manifest(run_dir: Path, checkpoint: str | None) -> tuple[Path, dict]:
-    from app.checkpoint import latest_checkpoint  # noqa: PLC0415
-
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: no such run directory")
-    directory = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if directory is None:
-        raise ValueError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; "
-                         f"train with train.checkpoint_every > 0 first")
-    path = directory / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the checkpoint manifest ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not a readable checkpoint manifest ({exc})") from None
-    missing = [key for key in ("num_classes", "embedding_dim", "step", "classifier")
-               if not isinstance(manifest, dict) or key not in manifest]
-    if missing:
-        raise ValueError(f"{path}: not a readable checkpoint manifest (no {', '.join(missing)})")
-    return directory, manifest
-
-
-def _load_rows(directory: Path, manifest: dict, start: int, stop: int) -> np.ndarray:
-    """This rank's classifier rows [start, stop) from the checkpoint's files that overlap them."""
-    import h5py  # noqa: PLC0415
-
-    dim = int(manifest["embedding_dim"])
-    rows_cD = np.empty((stop - start, dim), dtype=np.float32)
-    filled = 0
-    for entry in manifest["classifier"]:
-        lo, hi = max(int(entry["start"]), start), min(int(entry["stop"]), stop)
-        if lo >= hi:
-            continue
-        path = directory / entry["file"]
-        try:
-            with h5py.File(path, "r") as f:
-                weight = f["weight"]
-                if weight.ndim != 2 or weight.shape[1] != dim:
-                    raise ValueError(f"{path}: classifier rows of shape {weight.shape}, the "
-                                     f"manifest says dimension {dim}")
-                rows_cD[lo - start:hi - start] = weight[lo - entry["start"]:hi - entry["start"]]
-        except (OSError, KeyError) as exc:
-            raise ValueError(f"{path}: cannot read classifier rows ({exc})") from None
-        filled += hi - lo
-    if filled != stop - start:
-        raise ValueError(f"{directory}: the checkpoint covers {filled} of the classes "
-                         f"[{start}, {stop})")
-    return rows_cD
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mpi.partition import class_range  # noqa: PLC0415
     from mpi.world import init_world  # noqa: PLC0415
+    from app import checkpoint  # noqa: PLC0415
     from app.runlog import init_logging  # noqa: PLC0415
 
     world = init_world(use_horovod=False)
@@ -1064,10 +1013,12 @@ def main(argv=None) -> int:
         if args.k < 1 or args.samples < 1 or args.nprobe < 1:
             raise ValueError(f"--k, --samples and --nprobe must be >= 1, got {args.k}, "
                              f"{args.samples}, {args.nprobe}")
-        directory, manifest = _read_manifest(run_dir, args.checkpoint)
+        directory = checkpoint.find_checkpoint(run_dir, args.checkpoint)
+        manifest = checkpoint.read_manifest(directory)
         num_classes, step = int(manifest["num_classes"]), int(manifest["step"])
         start, stop = class_range(num_classes, world.rank, world.size)
-        rows_cD = None if args.random else _load_rows(directory, manifest, start, stop)
+        rows_cD = None if args.random else \
+            checkpoint.read_rows(directory, manifest, start, stop)["weight"]
         out = Path(args.out) if args.out else run_dir / "knn" / f"graph-step-{step:08d}.h5"
         job = (num_classes, step, start, stop, rows_cD, out)
     except ValueError as exc:

@@ -23,7 +23,8 @@ from app import checkpoint, data_parallel
 from app.backbones import augment_images
 from app.config import Config, config_hash, config_to_yaml
 from app.evaluate import as_input, evaluate
-from app.knn_state import KnnGraphs, imprint, imprints, train_centres
+from app.classifier.centres import imprint, starts_imprinted, train_centres
+from app.knn_state import KnnGraphs
 from app.model import build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
 from app.schedule import LRSchedule
@@ -113,9 +114,8 @@ class Trainer:
             self.log.info("--resume: no complete checkpoint in %s, starting from step 0",
                           self.run_dir)
             return None
-        manifest = checkpoint.read_manifest(directory, self.reader.num_classes,
-                                            self.cfg.model.embedding_dim)
-        state = checkpoint.load(directory, manifest, self.classifier)
+        manifest, state = checkpoint.restore(directory, self.reader.num_classes,
+                                             self.cfg.model.embedding_dim, self.classifier)
         try:
             self.backbone.load_state_dict(state["backbone"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -172,7 +172,7 @@ class Trainer:
         grad_bytes = data_parallel.gradient_bytes(world, self.backbone)
         window = _Window()
         centres = None
-        imprinted = imprints(cfg)
+        imprinted = starts_imprinted(cfg)
         if self.start_step == 0 and (imprinted or (self.graphs is not None
                                                    and cfg.knn.init == "centres")):
             centres = train_centres(world, cfg, self.backbone, self.classifier, self.dtype)

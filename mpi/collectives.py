@@ -53,8 +53,9 @@ def _like(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.to(t.device) if t.device.type != "cpu" else out
 
 
-def _ring_bytes(world, nbytes: int) -> int:
-    """Bytes one rank sends in a ring allreduce of `nbytes` (reduce-scatter + allgather)."""
+def ring_allreduce_bytes(world, nbytes: int) -> int:
+    """Bytes one rank sends in a ring allreduce of `nbytes` (reduce-scatter + allgather:
+    2 (P-1)/P of the buffer); also the cost model of Horovod's dense gradient allreduce."""
     return 2 * nbytes * (world.size - 1) // world.size
 
 
@@ -195,7 +196,7 @@ def allreduce(world, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return t.clone()
     src = _host(t)
     out = torch.empty_like(src)
-    with world.traffic.timed(_ring_bytes(world, src.nbytes)):
+    with world.traffic.timed(ring_allreduce_bytes(world, src.nbytes)):
         world.comm.Allreduce(_np(src), _np(out), op=_mpi_op(op))
     return _like(t, out)
 
@@ -211,7 +212,7 @@ def allreduce_(world, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return t
     from mpi4py import MPI  # noqa: PLC0415
 
-    with world.traffic.timed(_ring_bytes(world, t.nbytes)):
+    with world.traffic.timed(ring_allreduce_bytes(world, t.nbytes)):
         world.comm.Allreduce(MPI.IN_PLACE, _np(t.detach()), op=_mpi_op(op))
     return t
 

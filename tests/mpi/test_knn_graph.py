@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app import knn_graph
-from app.bench_graph import clustered_weights
+from data_prep.clustered_rows import clustered_weights
 from mpi import collectives
 from mpi.partition import class_range
 from tests.unit.test_knn_graph import assert_same_graph, exact_graph

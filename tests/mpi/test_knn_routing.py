@@ -5,7 +5,7 @@ import torch
 
 from app.classifier import ShardedClassifier
 from app.config import OptimConfig, SoftmaxConfig
-from app.knn_softmax import active_classes, make_plan
+from app.classifier.knn_softmax import active_classes, make_plan
 from mpi import collectives
 from tests.softmax_reference import RandomGraph, knn_reference, make_problem
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from app import checkpoint
 from app.classifier import ShardedClassifier, init_rows
 from app.config import OptimConfig, SoftmaxConfig
 from mpi.world import World
@@ -20,13 +21,15 @@ def test_rows_bit_identical_after_repartition(tmp_path, old, new):
         clf = shard(r, old)
         clf.weight_cD.add_(torch.rand_like(clf.weight_cD))  # "trained" rows
         clf.optimizer.momentum_cD.copy_(torch.rand_like(clf.weight_cD))
-        entries.append(clf.save(tmp_path))
+        entries.append(checkpoint.write_rows(tmp_path, clf.start, clf.stop, clf.state_arrays()))
         weights.append(clf.weight_cD.clone())
         moments.append(clf.optimizer.momentum_cD.clone())
     full_w, full_m = torch.cat(weights), torch.cat(moments)
     for r in range(new):
         clf = shard(r, new)
-        clf.load(tmp_path, entries)
+        manifest = {"embedding_dim": 5, "classifier": entries}
+        clf.load_state_arrays(checkpoint.read_rows(tmp_path, manifest, clf.start, clf.stop,
+                                                   ("weight", "momentum")))
         assert torch.equal(clf.weight_cD, full_w[clf.start:clf.stop])
         assert torch.equal(clf.optimizer.momentum_cD, full_m[clf.start:clf.stop])
 
@@ -38,15 +41,18 @@ def test_initial_rows_do_not_depend_on_world_size():
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
-    entry = shard(0, 2).save(tmp_path)
-    with pytest.raises(ValueError, match="covers 0 of this rank's"):
-        shard(1, 2).load(tmp_path, [entry])
+    first = shard(0, 2)
+    entry = checkpoint.write_rows(tmp_path, first.start, first.stop, first.state_arrays())
+    second = shard(1, 2)
+    with pytest.raises(ValueError, match=r"covers 0 of the classes \[19, 37\)"):
+        checkpoint.read_rows(tmp_path, {"embedding_dim": 5, "classifier": [entry]},
+                             second.start, second.stop)
 
 
 def test_imprint_sets_unit_rows_along_the_centres_and_keeps_unseen_classes():
     from types import SimpleNamespace
 
-    from app.knn_state import imprint
+    from app.classifier.centres import imprint
 
     weight = init_rows(3, 0, 5, 4, torch.float32)
     before = weight.clone()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from app import knn_graph
-from app.bench_graph import clustered_weights
+from app import checkpoint, knn_graph
+from data_prep.clustered_rows import clustered_weights
 from mpi.world import fake_world
 
 
@@ -251,15 +251,16 @@ def test_cli_checkpoint_problems_name_the_file(tmp_path, problem):
     if problem == "no checkpoint":
         (ckpt / "manifest.json").unlink()
         with pytest.raises(ValueError, match="no complete checkpoint"):
-            knn_graph._read_manifest(run_dir, None)
+            checkpoint.read_manifest(checkpoint.find_checkpoint(run_dir))
         return
     if problem == "bad manifest":
         (ckpt / "manifest.json").write_text("{not json")
         with pytest.raises(ValueError, match=r"manifest\.json: not a readable"):
-            knn_graph._read_manifest(run_dir, None)
+            checkpoint.read_manifest(checkpoint.find_checkpoint(run_dir))
         return
     (ckpt / "classifier" / "rows-0000000120-0000000300.h5").unlink()
-    directory, manifest = knn_graph._read_manifest(run_dir, None)
-    assert knn_graph._load_rows(directory, manifest, 0, 100).shape == (100, 8)
+    directory = checkpoint.find_checkpoint(run_dir)
+    manifest = checkpoint.read_manifest(directory)
+    assert checkpoint.read_rows(directory, manifest, 0, 100)["weight"].shape == (100, 8)
     with pytest.raises(ValueError, match=r"rows-0000000120-0000000300\.h5: cannot read"):
-        knn_graph._load_rows(directory, manifest, 100, 300)
+        checkpoint.read_rows(directory, manifest, 100, 300)

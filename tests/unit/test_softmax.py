@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from app.config import SoftmaxConfig
-from app.softmax import full_columns, sampled_columns
+from app.classifier.softmax import full_columns, sampled_columns
 from mpi.world import fake_world
 from tests.softmax_reference import FullGraph, check_classifier_parity
 
@@ -100,7 +100,7 @@ def test_knn_with_k_equal_c_equals_full(logit, margin, margin_type):
 
 
 def test_random_negatives_never_the_label_and_duplicates_masked():
-    from app.knn_softmax import active_classes
+    from app.classifier.knn_softmax import active_classes
 
     class TwoNeighbours:
         def rows(self, ids):

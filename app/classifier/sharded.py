@@ -6,36 +6,28 @@ Legend: b = this rank's samples, N = global batch, D = embedding dim, c = local 
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.knn_softmax import active_classes, assemble, make_plan, pair_similarities
-from app.softmax import (ShardColumns, apply_margin_, class_logits, full_columns,
-                         sampled_columns, sharded_cross_entropy)
+from app.classifier.knn_softmax import active_classes, assemble, make_plan, pair_similarities
+from app.classifier.softmax import (ShardColumns, apply_margin_, class_logits, full_columns,
+                                    sampled_columns, sharded_cross_entropy)
+from common.keyed_random import BLOCK_ROWS, fill_keyed_rows
 from mpi import collectives
 from mpi.autograd import exchange_rows, gather_rows
 from mpi.partition import class_range
 
-# Rows are initialised in fixed blocks keyed by (seed, block), so a row's initial value does not
-# depend on how many ranks share the classes (a 1-rank and a 4-rank run start identically).
-_INIT_BLOCK = 8192
-
 
 def init_rows(seed: int, start: int, stop: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Initial weight rows [start, stop): N(0, 1/D), independent of the partition. Generated
-    block by block in the target precision, so 10^7 rows need no float64 temporary."""
+    """Initial weight rows [start, stop): N(0, 1/D), keyed by (seed, block) so a row's initial
+    value does not depend on how many ranks share the classes (a 1-rank and a 4-rank run start
+    identically). Drawn in the target precision, so 10^7 rows need no float64 temporary."""
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     out = np.empty((stop - start, dim), dtype=np_dtype)
-    for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1 if stop > start else 0):
-        lo, hi = block * _INIT_BLOCK, (block + 1) * _INIT_BLOCK
-        rows = np.random.default_rng([seed, 0xC1A55, block]).standard_normal(
-            (_INIT_BLOCK, dim), dtype=np_dtype)
-        a, z = max(lo, start), min(hi, stop)
-        out[a - start:z - start] = rows[a - lo:z - lo]
+    fill_keyed_rows(out, [seed, 0xC1A55], start,
+                    lambda rng, lo: rng.standard_normal((BLOCK_ROWS, dim), dtype=np_dtype))
     out *= np_dtype(1.0 / math.sqrt(dim))
     return torch.from_numpy(out).to(dtype)
 
@@ -215,50 +207,15 @@ class ShardedClassifier:
         lo = sum(sizes[:self.world.rank])
         return best.values[lo:lo + feat_bD.shape[0]], ids_Nk[lo:lo + feat_bD.shape[0]]
 
-    # -- checkpointing: rows are stored by GLOBAL class range, so any world size can load them.
+    # -- checkpointing: rows are stored by GLOBAL class range (app/checkpoint.py), so any world
+    # size can load them.
 
-    def save(self, directory: Path) -> dict:
-        """Write this shard's rows and momentum to `directory/classifier/rows-START-STOP.h5`
-        (atomically). Returns the manifest entry {start, stop, file}."""
-        import h5py  # noqa: PLC0415
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """This shard's rows and their optimizer state, for `checkpoint.write_rows`."""
+        return {"weight": self.weight_cD.numpy(), "momentum": self.optimizer.momentum_cD.numpy()}
 
-        rel = f"classifier/rows-{self.start:010d}-{self.stop:010d}.h5"
-        path = Path(directory) / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".h5.tmp")
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("weight", data=self.weight_cD.numpy())
-            f.create_dataset("momentum", data=self.optimizer.momentum_cD.numpy())
-            f.attrs.update(start=self.start, stop=self.stop, num_classes=self.num_classes,
-                           dim=self.dim)
-        os.replace(tmp, path)
-        return {"start": self.start, "stop": self.stop, "file": rel}
-
-    def load(self, directory: Path, entries: list[dict]) -> None:
-        """Fill this rank's rows from the saved ranges that overlap them (any old world size);
-        values are copied bit for bit."""
-        import h5py  # noqa: PLC0415
-
-        filled = 0
-        for entry in entries:
-            lo, hi = max(entry["start"], self.start), min(entry["stop"], self.stop)
-            if lo >= hi:
-                continue
-            path = Path(directory) / entry["file"]
-            try:
-                with h5py.File(path, "r") as f:
-                    if f["weight"].shape[1] != self.dim:
-                        raise ValueError(f"{path}: classifier rows have dimension "
-                                         f"{f['weight'].shape[1]}, the config asks for "
-                                         f"model.embedding_dim={self.dim}")
-                    src = slice(lo - entry["start"], hi - entry["start"])
-                    dst = slice(lo - self.start, hi - self.start)
-                    self.weight_cD[dst] = torch.from_numpy(f["weight"][src])
-                    self.optimizer.momentum_cD[dst] = torch.from_numpy(f["momentum"][src])
-            except (OSError, KeyError) as exc:
-                raise ValueError(f"{path}: cannot read classifier rows ({exc}); the checkpoint "
-                                 f"is damaged, resume from an older one") from exc
-            filled += hi - lo
-        if filled != self.num_local:
-            raise ValueError(f"{directory}: checkpoint covers {filled} of this rank's "
-                             f"{self.num_local} classes [{self.start}, {self.stop})")
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Rows and momentum from `checkpoint.read_rows(..., names=("weight", "momentum"))`,
+        copied bit for bit."""
+        self.weight_cD.copy_(torch.from_numpy(arrays["weight"]))
+        self.optimizer.momentum_cD.copy_(torch.from_numpy(arrays["momentum"]))
