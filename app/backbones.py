@@ -1,6 +1,7 @@
 """Backbones: the data-parallel part of the model, mapping a batch of inputs to features.
 
-Every rank holds a full replica; Horovod averages its gradients (DESIGN.md section 3). Nothing
+Every rank holds a full replica; Horovod sums its gradients (each rank's backward holds its
+samples' share of the global-mean loss; app/training/data_parallel.py). Nothing
 here communicates. Parameters are initialised from torch's global RNG: seed it, and broadcast
 the initial state from rank 0, for identical replicas.
 

@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from app import data_parallel  # noqa: PLC0415
+    from app.training import data_parallel  # noqa: PLC0415
     from app.backbones import build_backbone  # noqa: PLC0415
     from app.classifier import ShardedClassifier  # noqa: PLC0415
     from app.config import ModelConfig, OptimConfig, SoftmaxConfig  # noqa: PLC0415

@@ -7,7 +7,7 @@ Each component is handed only its own section (`build_backbone(cfg.model, ...)`)
 do not refer to each other; numbers derived from several sections (global batch, classes per
 rank, pairs per step) belong in the run plan, not here.
 
-The key names are contracts (DESIGN.md section 4): extend them, never rename them.
+The key names are contracts (docs/design.md, "Contracts"): extend them, never rename them.
 
 Config files are plain YAML mappings that mirror the dataclasses:
 
@@ -159,7 +159,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SoftmaxConfig:
-    """The classifier's softmax over the sharded weight (DESIGN.md section 3).
+    """The classifier's softmax over the sharded weight (docs/design.md, "One step").
 
     mode: `full` (exact softmax over all C classes), `sampled` (positives plus uniform random
         negatives per shard, as Partial FC), or `knn` (the label's K graph neighbours).
@@ -229,12 +229,16 @@ class KnnConfig:
 
 @dataclass(frozen=True)
 class CommConfig:
-    """Backbone-gradient communication.
+    """Backbone-gradient communication. Only the defaults are available in this version: the
+    backbone gradients go through Horovod's dense allreduce and nothing overlaps; other values
+    are refused (the sparse exchange and the overlapping pipeline are planned, not built).
 
-    gradients: `dense` (Horovod allreduce) or `sparse` (top-k with residual accumulation,
-        exchanged as (index, value) pairs).
-    sparse_ratio: share of gradient entries each rank sends per step in sparse mode.
-    overlap: overlap the communication of one micro-batch with the compute of the next.
+    gradients: `dense` (Horovod allreduce); `sparse` (top-k with residual accumulation,
+        exchanged as (index, value) pairs) is not available yet.
+    sparse_ratio: share of gradient entries each rank sends per step in sparse mode (not
+        available yet: only the default 0.01 is accepted).
+    overlap: overlap the communication of one micro-batch with the compute of the next (not
+        available yet: only false is accepted).
     """
 
     gradients: str = "dense"
@@ -244,6 +248,13 @@ class CommConfig:
     def __post_init__(self) -> None:
         _check_choice("comm.gradients", self.gradients, ("dense", "sparse"))
         _check_fraction("comm.sparse_ratio", self.sparse_ratio)
+        for key, value, default in (("gradients", self.gradients, "dense"),
+                                    ("sparse_ratio", self.sparse_ratio, 0.01),
+                                    ("overlap", self.overlap, False)):
+            if value != default:
+                raise ValueError(f"comm.{key}: {value!r} is not available in this version "
+                                 f"(only {default!r}: backbone gradients use Horovod's dense "
+                                 f"allreduce without overlap); remove the key")
 
 
 @dataclass(frozen=True)
@@ -286,7 +297,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Learning-rate schedule, a pure function of the step (app/schedule.py).
+    """Learning-rate schedule, a pure function of the step (app/training/schedule.py).
 
     warmup_steps: linear warm-up to the base lr over these first steps (0 = none).
     decay: after warm-up, `cosine` (to base lr x min_lr_ratio at train.steps), `step`

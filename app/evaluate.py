@@ -5,20 +5,20 @@ any number of ranks) and appends to the run's eval.jsonl.
 """
 from __future__ import annotations
 
-import numpy as np
+import argparse
+import json
+import sys
+from pathlib import Path
+
 import torch
 
-
-def as_input(inputs: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A batch from the reader as the backbone's input: float vectors in the run's dtype; uint8
-    images as they are (the image backbone scales and normalises them)."""
-    x = torch.from_numpy(inputs)
-    return x if x.dtype == torch.uint8 else x.to(dtype)
+from app.classifier.topk import global_topk
+from app.model import as_input
 
 
 @torch.no_grad()
 def evaluate(world, backbone, classifier, reader, max_samples: int = 0, dtype=torch.float32) -> dict:
-    """Each rank embeds its part of the val split; `classifier.topk` scores every feature against
+    """Each rank embeds its part of the val split; `global_topk` scores every feature against
     every class (each rank its rows, candidates merged). Returns global counts and accuracies,
     identical on all ranks."""
     from mpi import collectives  # noqa: PLC0415
@@ -28,7 +28,7 @@ def evaluate(world, backbone, classifier, reader, max_samples: int = 0, dtype=to
     correct1 = correct5 = seen = 0
     for batch in reader.one_epoch():
         feat_bD = backbone(as_input(batch.inputs, dtype))
-        _, ids_bk = classifier.topk(feat_bD.to(classifier.weight_cD.dtype), 5)
+        _, ids_bk = global_topk(world, classifier, feat_bD.to(classifier.weight_cD.dtype), 5)
         labels_b = torch.from_numpy(batch.labels)
         if ids_bk.shape[0]:
             correct1 += int((ids_bk[:, 0] == labels_b).sum())
@@ -44,43 +44,42 @@ def evaluate(world, backbone, classifier, reader, max_samples: int = 0, dtype=to
             "num_classes": classifier.num_classes}
 
 
-def main(argv=None) -> int:
-    import argparse  # noqa: PLC0415
-    import json  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app.evaluate", description=(
         "Evaluate a run's newest (or a given) checkpoint on the val split: top-1 and top-5 over "
-        "all classes. Works under mpirun/srun with any number of ranks."))
+        "all classes. Works under mpirun/srun with any number of ranks. Exit codes: 0 done, "
+        "2 bad run directory, config or checkpoint (one error line)."))
     p.add_argument("--run", required=True, help="run directory (holds config.yaml, checkpoints/)")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the newest complete one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the run, e.g. data.path=... (repeatable)")
     p.add_argument("--max-samples", type=int, default=0, help="cap on val samples (0 = all)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    from mpi import collectives  # noqa: PLC0415
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from app import checkpoint  # noqa: PLC0415 - after argument parsing, keeps --help fast
+    from mpi.agree import SetupError, agree, decide_on_root, exit_on_setup_error  # noqa: PLC0415
     from mpi.world import init_world  # noqa: PLC0415
 
     world = init_world()
-    error, result = None, None
+    run_dir = Path(args.run)
     try:
-        state = _load_for_eval(world, Path(args.run), args.checkpoint, args.set)
-    except ValueError as exc:
-        error = str(exc)
-    error = collectives.first_error(world, error)
-    if error:
-        if world.is_root:
-            print(f"error: {error}", file=sys.stderr)
+        # Rank 0 chooses the checkpoint; every rank then loads its part of that one.
+        directory = decide_on_root(world, lambda: str(checkpoint.find_checkpoint(
+            run_dir, args.checkpoint)))
+        state = agree(world, lambda: _load_for_eval(world, run_dir, Path(directory), args.set))
+    except SetupError as exc:
+        code = exit_on_setup_error(world, exc)
         world.shutdown()
-        return 2
+        return code
     backbone, classifier, reader, step, dtype = state
     result = evaluate(world, backbone, classifier, reader, args.max_samples, dtype)
     reader.close()
     if world.is_root:
         record = {"step": step, **result, "source": "app.evaluate"}
-        with (Path(args.run) / "eval.jsonl").open("a") as f:
+        with (run_dir / "eval.jsonl").open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         print(f"step {step}: top-1 {result['top1']:.4f} top-5 {result['top5']:.4f} over "
               f"{result['num_classes']} classes ({result['num_samples']} samples)", flush=True)
@@ -88,10 +87,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _load_for_eval(world, run_dir, checkpoint_dir, overrides):
+def _load_for_eval(world, run_dir: Path, directory: Path, overrides: list[str]):
     """Config, model and val reader of a run, restored from a checkpoint (no communication)."""
-    from pathlib import Path  # noqa: PLC0415
-
     from app import checkpoint  # noqa: PLC0415
     from app.config import load_config  # noqa: PLC0415
     from app.model import build_model  # noqa: PLC0415
@@ -101,9 +98,6 @@ def _load_for_eval(world, run_dir, checkpoint_dir, overrides):
     if not config_path.is_file():
         raise ValueError(f"{config_path}: not found; --run must name a run directory")
     cfg = load_config(str(config_path), overrides)
-    directory = Path(checkpoint_dir) if checkpoint_dir else checkpoint.latest_checkpoint(run_dir)
-    if directory is None:
-        raise ValueError(f"{run_dir}: holds no complete checkpoint to evaluate")
     reader = ShardedReader(cfg.data.path, "val", world.rank, world.size,
                            cfg.train.eval_batch_size, cfg.seed, shuffle=False, drop_last=False,
                            prefetch=cfg.data.prefetch)
@@ -115,6 +109,4 @@ def _load_for_eval(world, run_dir, checkpoint_dir, overrides):
 
 
 if __name__ == "__main__":
-    import sys as _sys
-
-    _sys.exit(main())
+    sys.exit(main())

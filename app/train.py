@@ -1,6 +1,6 @@
 """`python -m app.train --config FILE [--set key=value ...] [--resume]` under mpirun or srun.
 
-Trains the hybrid-parallel classifier of DESIGN.md in the run directory `out_dir`. Exit codes:
+Trains the hybrid-parallel classifier (docs/design.md) in the run directory `out_dir`. Exit codes:
 0 done, 2 bad config, dataset or checkpoint (one line on stderr, nothing written), 3 stopped by
 SIGUSR1 or SIGTERM after writing a checkpoint (--resume continues), 1 a failure during training
 (traceback tagged with the rank; all ranks are stopped).
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mpi import collectives
+from mpi.agree import SetupError, agree, exit_on_setup_error
 from mpi.world import init_world
 
 # Stopped early by SIGUSR1/SIGTERM after writing a checkpoint (slurm/train.sbatch requeues).
@@ -34,21 +34,18 @@ def main(argv=None) -> int:
     world = init_world()
     from app.config import load_config  # noqa: PLC0415 - after MPI start, keeps --help fast
     from app.runlog import init_logging  # noqa: PLC0415
-    from app.trainer import Trainer  # noqa: PLC0415
+    from app.training.trainer import Trainer  # noqa: PLC0415
 
     log = init_logging(world)
-    error, trainer = None, None
     try:
-        cfg = load_config(args.config, args.set)
-        trainer = Trainer(world, cfg, args.resume, log)
-    except ValueError as exc:  # includes data_prep's DatasetError
-        error = str(exc)
-    error = collectives.first_error(world, error)
-    if error:
-        if world.is_root:
-            print(f"error: {error}", file=sys.stderr)
+        # Every rank validates on its own, then all agree before the first collective.
+        trainer = agree(world, lambda: Trainer(world, load_config(args.config, args.set),
+                                               args.resume, log))
+        trainer.restore()
+    except SetupError as exc:
+        code = exit_on_setup_error(world, exc)
         world.shutdown()
-        return 2
+        return code
     summary = trainer.run()
     if "stopped_at" in summary:  # preempted: a checkpoint was written, --resume continues
         world.shutdown()

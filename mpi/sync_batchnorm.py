@@ -8,7 +8,7 @@ deviations), combined with Chan's parallel formula (E[x^2] - E[x]^2 loses digits
 large against the spread, which made 2-rank runs drift from 1-rank runs);
 backward: one allreduce of the per-channel sums of dy*w and dy*w*xhat. The weight and bias
 gradients are this rank's partial sums; the data-parallel optimizer sums them over ranks
-(app/data_parallel.py uses op=Sum).
+(app/training/data_parallel.py uses op=Sum).
 """
 from __future__ import annotations
 

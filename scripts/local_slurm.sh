@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real one-node Slurm cluster in a directory, for tests and for trying the sbatch scripts on a
-# workstation (DESIGN.md section 5). Nothing is written outside DIR.
+# workstation (docs/design.md, "Dependencies"). Nothing is written outside DIR.
 #
 #   scripts/local_slurm.sh start DIR    write DIR/slurm.conf + DIR/cgroup.conf, start slurmctld and
 #                                       slurmd, wait until the node is idle; prints the line to
@@ -18,7 +18,7 @@
 # `srun --mpi=pmix` or mpirun. The ports are picked free at start, so several clusters (two
 # engineers' test runs) can run side by side on one machine.
 #
-# Facts checked on Debian 12 with Slurm 22.05.8 (they agree with DESIGN.md section 5):
+# Facts checked on Debian 12 with Slurm 22.05.8 (docs/design.md, "Dependencies"):
 # - The node line must carry the hardware `slurmd -C` reports, RealMemory included; without
 #   RealMemory every job that asks for --mem is refused.
 # - slurmd loads a cgroup plugin even with proctrack/linuxproc and task/none; a cgroup.conf with

@@ -5,7 +5,7 @@
 #   1. system packages: Open MPI (runtime + headers), compiler, cmake, Slurm (local test cluster)
 #   2. .venv on python3.11 with the pinned requirements.txt
 #   3. Horovod 0.28.1 built from its PyPI sdist against the installed torch (C++17 patch,
-#      DESIGN.md section 5), the wheel cached outside the repository
+#      docs/design.md, "Dependencies"), the wheel cached outside the repository
 #   4. a check that horovod.torch imports and was built with MPI
 set -euo pipefail
 
@@ -32,7 +32,7 @@ install_system_packages() {
     [ "$(id -u)" -eq 0 ] || die "missing system packages (${missing[*]}); run 'make setup' as root or install them"
     log "installing system packages: ${missing[*]}"
     # Keep the Slurm daemons from starting as services during the install: tests run their own
-    # cluster in a temporary directory (DESIGN.md section 5).
+    # cluster in a temporary directory (docs/design.md, "Dependencies").
     local policy=/usr/sbin/policy-rc.d created_policy=0
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created_policy=1

@@ -16,7 +16,7 @@ def class_centres(world, backbone, reader, classifier, dtype) -> torch.Tensor:
     """Mean feature of each of this rank's classes under the current backbone (one distributed
     pass over `reader`'s epoch): every (label, feature) goes to its class owner by alltoallv and
     is summed there. A class without samples keeps its current weight row as its centre."""
-    from app.evaluate import as_input  # noqa: PLC0415
+    from app.model import as_input  # noqa: PLC0415
 
     start, num_local, dim = classifier.start, classifier.num_local, classifier.dim
     sums_cD = torch.zeros(num_local, dim, dtype=torch.float64)

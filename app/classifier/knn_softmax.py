@@ -71,7 +71,7 @@ def active_classes(labels_N: torch.Tensor, graph, num_classes: int, random_negat
     return cls_NA, valid_NA
 
 
-def make_plan(cls_NA: torch.Tensor, valid_NA: torch.Tensor, num_classes: int, rank: int,
+def plan_pairs(cls_NA: torch.Tensor, valid_NA: torch.Tensor, num_classes: int, rank: int,
               size: int, per_rank: int) -> PairPlan:
     """The exchange plan for pairs (i, a); sample i lives on rank i // per_rank."""
     num_active = cls_NA.shape[1]

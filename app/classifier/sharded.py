@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.classifier.knn_softmax import active_classes, assemble, make_plan, pair_similarities
+from app.classifier.knn_softmax import active_classes, assemble, plan_pairs, pair_similarities
 from app.classifier.softmax import (ShardColumns, apply_margin_, class_logits, full_columns,
                                     sampled_columns, sharded_cross_entropy)
 from common.keyed_random import BLOCK_ROWS, fill_keyed_rows
@@ -92,7 +92,7 @@ class ShardedClassifier:
 
     def set_graph(self, graph) -> None:
         """The KNN graph used by mode `knn` from the next step on (anything with
-        `rows(class_ids) -> (n, K) ints`, e.g. app.knn_graph.KnnGraph); swapped at a step
+        `rows(class_ids) -> (n, K) ints`, e.g. app.knn.GraphFile); swapped at a step
         boundary by the trainer."""
         self.graph = graph
 
@@ -116,8 +116,9 @@ class ShardedClassifier:
         `knn`: each rank backpropagates its own samples' share (sum / N); the shares add up to
         the global mean, which one scalar allreduce provides for logging. Either way, after
         backward the feature gradient on every rank is the full gradient of the global mean
-        w.r.t. its own features."""
-        sizes = [feat_bD.shape[0]] * self.world.size
+        w.r.t. its own features. Every rank must pass the same batch size (checked: a ValueError
+        on every rank otherwise)."""
+        sizes = self._equal_batch_sizes(feat_bD.shape[0])
         labels_N = collectives.allgather(self.world, labels_b, sizes)
         feat_ND = gather_rows(self.world, feat_bD, sizes)
         if self.cfg.mode == "knn":
@@ -136,13 +137,24 @@ class ShardedClassifier:
         self._pending = (cols.rows_c, weight_leaf)
         return loss, loss.detach()
 
+    def _equal_batch_sizes(self, batch: int) -> list[int]:
+        """The batch size of every rank, which the pair routing and the sharded cross-entropy
+        assume equal (one tiny allgather; the same ValueError on every rank if they differ)."""
+        if self.world.size == 1:
+            return [batch]
+        sizes = collectives.allgather(self.world, torch.tensor([batch]), [1] * self.world.size)
+        if int(sizes.min()) != int(sizes.max()):
+            raise ValueError(f"the classifier needs the same batch size on every rank, got "
+                             f"{sizes.tolist()} (ranks 0..{self.world.size - 1})")
+        return [batch] * self.world.size
+
     def _knn_loss(self, feat_ND, labels_N, per_rank: int, step: int):
         if self.graph is None:
             raise ValueError("softmax.mode=knn needs a KNN graph; call set_graph() first")
         cls_NA, valid_NA = active_classes(labels_N, self.graph, self.num_classes,
                                           self.cfg.random_negatives, self._generator(step, 0))
-        plan = make_plan(cls_NA, valid_NA, self.num_classes, self.world.rank, self.world.size,
-                         per_rank)
+        plan = plan_pairs(cls_NA, valid_NA, self.num_classes, self.world.rank, self.world.size,
+                          per_rank)
         num_active = cls_NA.shape[1]
         local_p = cls_NA.reshape(-1)[plan.mine_p] - self.start
         rows_u, inv_p = torch.unique(local_p, return_inverse=True)
@@ -179,33 +191,6 @@ class ShardedClassifier:
         self._pending = None
         self.optimizer.step(rows, weight_leaf.grad, lr)
         return self.num_local if rows is None else int(rows.numel())
-
-    @torch.no_grad()
-    def topk(self, feat_bD: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k classes over ALL C classes for each of this rank's features (any batch size per
-        rank, including 0). Each rank scores the gathered features against its rows and keeps its
-        local top-k; the candidates (k per rank per sample) are gathered and merged. Returns
-        (scores_bk, class_ids_bk) for this rank's samples."""
-        sizes = [int(n) for n in collectives.allgather_object(self.world, feat_bD.shape[0])]
-        feat_ND = collectives.allgather(self.world, feat_bD, sizes)
-        num_rows = feat_ND.shape[0]
-        kk = min(k, self.num_local)
-        sim_Nc = class_logits(feat_ND, self.weight_cD, self.cfg.logit)
-        vals_Nk = torch.full((num_rows, k), -math.inf, dtype=sim_Nc.dtype)
-        ids_Nk = torch.full((num_rows, k), -1, dtype=torch.int64)
-        if kk > 0:
-            top = torch.topk(sim_Nc, kk, dim=1)
-            vals_Nk[:, :kk], ids_Nk[:, :kk] = top.values, top.indices + self.start
-        # Candidates of every rank for every sample: (P, N, k) -> per sample P*k candidates.
-        all_vals = collectives.allgather(self.world, vals_Nk.unsqueeze(0), [1] * self.world.size)
-        all_ids = collectives.allgather(self.world, ids_Nk.unsqueeze(0), [1] * self.world.size)
-        vals_NPk = all_vals.permute(1, 0, 2).reshape(num_rows, -1)
-        ids_NPk = all_ids.permute(1, 0, 2).reshape(num_rows, -1)
-        best = torch.topk(vals_NPk, min(k, self.num_classes), dim=1)
-        ids_Nk = torch.gather(ids_NPk, 1, best.indices)
-        # This rank's samples are its slice of the gathered rows.
-        lo = sum(sizes[:self.world.rank])
-        return best.values[lo:lo + feat_bD.shape[0]], ids_Nk[lo:lo + feat_bD.shape[0]]
 
     # -- checkpointing: rows are stored by GLOBAL class range (app/checkpoint.py), so any world
     # size can load them.

@@ -5,7 +5,7 @@ import torch
 
 from app.classifier import ShardedClassifier
 from app.config import OptimConfig, SoftmaxConfig
-from app.classifier.knn_softmax import active_classes, make_plan
+from app.classifier.knn_softmax import active_classes, plan_pairs
 from mpi import collectives
 from tests.softmax_reference import RandomGraph, knn_reference, make_problem
 
@@ -51,7 +51,7 @@ def test_plan_counts_agree_across_ranks(world):
     labels = torch.tensor([c % 5 for c in range(world.size * per_rank)])
     graph = RandomGraph(num_classes, 4, seed=3)
     cls, valid = active_classes(labels, graph, num_classes, 2, torch.Generator().manual_seed(1))
-    plan = make_plan(cls, valid, num_classes, world.rank, world.size, per_rank)
+    plan = plan_pairs(cls, valid, num_classes, world.rank, world.size, per_rank)
     sends = collectives.allgather_object(world, plan.send_counts)
     recvs = collectives.allgather_object(world, plan.recv_counts)
     for q in range(world.size):

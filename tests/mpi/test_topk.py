@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from app.classifier import ShardedClassifier
+from app.classifier.topk import global_topk
 from app.config import OptimConfig, SoftmaxConfig
 
 
@@ -17,7 +18,7 @@ def test_topk_equals_dense_reference(world, logit, num_classes):
                             dtype=torch.float64)
     clf.weight_cD.copy_(weight[clf.start:clf.stop])
     lo = sum(sizes[:world.rank])
-    scores, ids = clf.topk(feat[lo:lo + sizes[world.rank]], 5)
+    scores, ids = global_topk(world, clf, feat[lo:lo + sizes[world.rank]], 5)
 
     if logit == "cosine":
         sim = torch.nn.functional.normalize(feat, dim=1) @ \

@@ -9,7 +9,7 @@ from app.config import (CommConfig, Config, KnnConfig, ModelConfig, OptimConfig,
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-# DESIGN.md section 4: keys other parts rely on.
+# docs/design.md, "Contracts: Config keys": keys other parts rely on.
 CONTRACT_KEYS = [
     "seed", "out_dir", "data.path", "model.backbone", "model.embedding_dim", "train.steps",
     "train.batch_size", "train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -55,12 +55,12 @@ def test_file_then_overrides_in_order(tmp_path):
 def test_override_values_are_typed():
     cfg = load_config(None, [
         "optim.lr=1e-3", "model.resnet_blocks=[2, 3]", "optim.classifier_lr=0.5",
-        "comm.overlap=true", "optim.betas=[0.8,0.99]", "schedule.milestones=[10,20]",
+        "optim.betas=[0.8,0.99]", "schedule.milestones=[10,20]",
         "train.batch_size=32", "softmax.scale=16",
     ])
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.softmax.scale, float)
     assert cfg.model.resnet_blocks == [2, 3] and cfg.schedule.milestones == [10, 20]
-    assert cfg.optim.classifier_lr == 0.5 and cfg.comm.overlap is True
+    assert cfg.optim.classifier_lr == 0.5
     back_to_default = load_config(None, ["optim.classifier_lr=0.5", "optim.classifier_lr=null"])
     assert back_to_default.optim.classifier_lr is None
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from app.config import ScheduleConfig
-from app.schedule import LRSchedule, lr_at
+from app.training.schedule import LRSchedule, lr_at
 
 
 def test_linear_warmup_then_constant():

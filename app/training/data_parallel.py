@@ -4,7 +4,7 @@ Nothing else in app/ calls Horovod.
 Gradient convention: the trainer's loss is the mean over the GLOBAL batch, and each rank's backward
 only covers its own samples' share of it, so the backbone gradients of the ranks are SUMMED
 (`op=hvd.Sum`), not averaged. The classifier shard is not given to Horovod: it has its own
-row-sparse optimizer (app/classifier.py).
+row-sparse optimizer (app/classifier/sharded.py).
 """
 from __future__ import annotations
 

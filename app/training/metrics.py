@@ -1,0 +1,37 @@
+"""Per-step figures folded into one `metrics.jsonl` line per log interval (host numbers only:
+the loss is already a Python float on logging steps)."""
+from __future__ import annotations
+
+from app.runlog import peak_rss_mb
+
+
+class MetricsWindow:
+    """Accumulates steps between two metrics lines; `flush` returns the line and starts over."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.loss, self.rows, self.hvd_wait = 0, 0.0, 0.0, 0, 0.0
+        self.knn_build_s = 0.0
+
+    def add(self, seconds: float, loss: float, rows: int, hvd_wait: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.loss += loss
+        self.rows += rows
+        self.hvd_wait += hvd_wait
+
+    def flush(self, world, *, step: int, epoch: int, lr: float, global_batch: int,
+              grad_bytes: int) -> dict:
+        """The metrics line (units in the key names) for the steps since the last flush; reads
+        and resets this rank's traffic counters."""
+        n = max(self.steps, 1)
+        sent, comm_s = world.traffic.reset()
+        record = {
+            "step": step, "epoch": epoch, "loss": self.loss / n, "lr": lr,
+            "samples_per_s": global_batch * self.steps / max(self.seconds, 1e-9),
+            "step_time_s": self.seconds / n, "comm_time_s": (comm_s + self.hvd_wait) / n,
+            "bytes_sent": sent // n + grad_bytes, "grad_bytes_sent": grad_bytes,
+            "rows_updated": self.rows // n, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "knn_build_s": self.knn_build_s,
+        }
+        self.__init__()
+        return record

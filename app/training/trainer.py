@@ -1,0 +1,281 @@
+"""The training loop, in every softmax mode (`full`, `sampled`, `knn`).
+
+Legend: b = this rank's batch, N = global batch (P * b), D = embedding dim.
+
+Three phases with different communication rules:
+- construction (`Trainer(...)`) reads the config, the dataset and the world and communicates
+  nothing, so the entry point can agree on a set-up error before any collective
+  (`mpi.agree.agree`);
+- `restore()` (collective) continues from the checkpoint rank 0 chose;
+- `run()` (collective from its first line): start (broadcast, run directory, initial rows and
+  graph), then per step `_step` (forward, backward, updates) and `_after_step` (metrics,
+  evaluation, checkpoint, stop request), then `_finish` (summary).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app import checkpoint
+from app.backbones import augment_images
+from app.classifier.centres import imprint, starts_imprinted, train_centres
+from app.config import Config, config_hash, config_to_yaml
+from app.evaluate import evaluate
+from app.knn_state import KnnGraphs
+from app.model import as_input, build_model
+from app.runlog import JsonLines, peak_rss_mb, progress_bar
+from app.training import data_parallel
+from app.training.metrics import MetricsWindow
+from app.training.plan import make_run_plan
+from app.training.run_dir import check_run_dir, prepare_run_dir
+from app.training.schedule import LRSchedule
+from app.training.stop import StopRequest
+from common.files import write_text_atomic
+from data_prep.reader import ShardedReader
+from mpi.agree import agree, decide_on_root
+
+
+class Trainer:
+    """One training run in `cfg.out_dir`; see the module docstring."""
+
+    def __init__(self, world, cfg: Config, resume: bool, log):
+        self.world, self.cfg, self.log, self.resume = world, cfg, log, resume
+        self.run_dir = Path(cfg.out_dir)
+        self.start_step = 0
+        self.resumed_from: Path | None = None
+        check_run_dir(self.run_dir, resume)
+        self.reader = ShardedReader(cfg.data.path, "train", world.rank, world.size,
+                                    cfg.train.batch_size, cfg.seed, prefetch=cfg.data.prefetch)
+        self.val_reader = ShardedReader(cfg.data.path, "val", world.rank, world.size,
+                                        cfg.train.eval_batch_size, cfg.seed, shuffle=False,
+                                        drop_last=False, prefetch=cfg.data.prefetch)
+        self.plan = make_run_plan(world, cfg, self.reader.num_classes,
+                                  self.reader.batches_per_epoch)
+        if world.device.type != "cpu":
+            log.warning("this rank sees %s, but the trainer computes on the CPU in this "
+                        "version (GPU placement is not implemented yet)", world.device)
+        self.backbone, self.classifier, self.dtype = build_model(
+            world, cfg, self.reader.input_shape, self.reader.num_classes)
+        self.optimizer = data_parallel.build_backbone_optimizer(world, self.backbone, cfg.optim)
+        self.schedule = LRSchedule(cfg.optim.lr, cfg.schedule, cfg.train.steps)
+        self.classifier_lr_ratio = (cfg.optim.classifier_lr or cfg.optim.lr) / cfg.optim.lr
+        self.graphs = None
+        if cfg.softmax.mode == "knn":
+            self.graphs = KnnGraphs(world, cfg.knn, cfg.softmax.k, self.run_dir,
+                                    self.reader.num_classes, cfg.seed,
+                                    cfg.train.keep_checkpoints, log)
+
+    # -- resume (collective) --------------------------------------------------------------------
+    def restore(self, choose=checkpoint.latest_checkpoint) -> None:
+        """With `--resume`: continue from the newest complete checkpoint. Rank 0 chooses it
+        (`choose(run_dir)`, a listing of its view of the file system) and every rank loads that
+        one, so ranks that see the directory differently cannot resume from different steps.
+        A problem on any rank raises the same SetupError on every rank."""
+        if not self.resume:
+            return
+        found = decide_on_root(self.world, lambda: _as_str(choose(self.run_dir)))
+        if found is None:
+            self.log.info("--resume: no complete checkpoint in %s, starting from step 0",
+                          self.run_dir)
+            return
+        directory = Path(found)
+        manifest, state = agree(self.world, lambda: self._load(directory))
+        if self.graphs is not None and not self.graphs.load_state_dict(state.get("knn"),
+                                                                        self.classifier):
+            self.log.warning("the KNN graph of %s is gone; rebuilding it from the weights",
+                             directory)
+        if manifest["config_hash"] != config_hash(self.cfg):
+            self.log.warning("resuming %s with a changed config (hash %s, was %s)", directory,
+                             config_hash(self.cfg), manifest["config_hash"])
+        self.resumed_from = directory
+        self.log.info("resuming from %s (step %d, written by %d ranks, now %d)", directory,
+                      self.start_step, manifest["world_size"], self.world.size)
+
+    def _load(self, directory: Path) -> tuple[dict, dict]:
+        """This rank's part of the checkpoint: rows, backbone, optimizer, RNG, data position."""
+        manifest, state = checkpoint.restore(directory, self.reader.num_classes,
+                                             self.cfg.model.embedding_dim, self.classifier)
+        try:
+            self.backbone.load_state_dict(state["backbone"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(f"{directory / checkpoint.TRAINER_STATE}: the saved backbone or "
+                             f"optimizer does not fit the config's model.* / optim.* ({first}); "
+                             f"resume with the config the run was started with") from exc
+        checkpoint.set_rng_state(state["rng"])
+        position = manifest["data_position"]
+        if position["global_batch_size"] != self.reader.global_batch_size:
+            self.log.warning("global batch changes from %d to %d on resume: the data order "
+                             "continues from the same sample of the epoch, and the loss no "
+                             "longer matches an uninterrupted run", position["global_batch_size"],
+                             self.reader.global_batch_size)
+        self.reader.load_state_dict(position, allow_new_batch_size=True)
+        self.start_step = int(manifest["step"])
+        return manifest, state
+
+    # -- the loop (collective) ------------------------------------------------------------------
+    def run(self) -> dict:
+        world, cfg = self.world, self.cfg
+        metrics, evals, window = self._start()
+        grad_bytes = data_parallel.gradient_bytes(world, self.backbone)
+        bar = progress_bar(world, cfg.train.steps, self.start_step, f"train {cfg.softmax.mode}")
+        started, loss_value, last_eval, stopped_at = time.perf_counter(), float("nan"), None, None
+        stop = StopRequest(world)
+        for step in range(self.start_step, cfg.train.steps):
+            if step == cfg.train.crash_at_step:
+                raise RuntimeError(f"train.crash_at_step={step}: injected failure")
+            if self.graphs is not None and self.graphs.due(step):
+                # Synchronous refresh at a step boundary: the next step uses the new graph.
+                window.knn_build_s += self.graphs.build(step, self.classifier,
+                                                        self.classifier.weight_cD, "refresh")
+            t0 = time.perf_counter()
+            lr = self.schedule(step)
+            loss, rows, hvd_wait = self._step(step, lr)
+            # The loss is the global-batch mean, identical on every rank by construction, so
+            # every rank stops at the same step without another collective. (CPU: .item() costs
+            # no device synchronisation.)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite loss {loss_value} at step {step}; lower "
+                                         f"optim.lr or check the data")
+            window.add(time.perf_counter() - t0, loss_value, rows, hvd_wait)
+            bar.update(1)
+            last_eval, stopped = self._after_step(step + 1, lr, window, metrics, evals, bar,
+                                                  grad_bytes, stop, last_eval)
+            if stopped:
+                stopped_at = step + 1
+                break
+        stop.restore()
+        bar.close()
+        return self._finish(stopped_at, stop.name, loss_value, last_eval, evals,
+                            time.perf_counter() - started)
+
+    def _start(self) -> tuple[JsonLines, JsonLines, MetricsWindow]:
+        """Same initial backbone on every rank, the run directory, the classifier's initial
+        rows (imprinted or not) and the first KNN graph; returns the logs and a fresh window."""
+        world = self.world
+        data_parallel.broadcast_initial_state(world, self.backbone)
+        if world.is_root:
+            prepare_run_dir(self.run_dir, None if self.resumed_from else config_to_yaml(self.cfg),
+                            self.start_step)
+        world.barrier()
+        self.log.info(self.plan.describe())
+        window = MetricsWindow()
+        window.knn_build_s += self._initial_rows_and_graph()
+        world.traffic.reset()
+        return (JsonLines(self.run_dir / "metrics.jsonl", world.is_root),
+                JsonLines(self.run_dir / "eval.jsonl", world.is_root), window)
+
+    def _initial_rows_and_graph(self) -> float:
+        """Imprint the rows at step 0 (`model.classifier_init`) and build the graph the first
+        knn step needs (from the centres, the imprinted rows, random, or, when a resumed run
+        lost its graph file, the weights). Returns the seconds the graph took."""
+        cfg = self.cfg
+        imprinted = starts_imprinted(cfg)
+        centres = None
+        if self.start_step == 0 and (imprinted or (self.graphs is not None
+                                                   and cfg.knn.init == "centres")):
+            centres = train_centres(self.world, cfg, self.backbone, self.classifier, self.dtype)
+        if self.start_step == 0 and imprinted:
+            imprint(self.classifier, centres)
+        if self.graphs is None or self.classifier.graph is not None:
+            return 0.0
+        if self.start_step > 0:  # resumed, but the graph file was lost
+            rows, why = self.classifier.weight_cD, "rebuilt"
+        elif cfg.knn.init == "random":
+            rows, why = None, "initial"
+        elif imprinted:  # the weights are the centres
+            rows, why = self.classifier.weight_cD, "initial from the imprinted weights"
+        else:
+            rows, why = centres, "initial"
+        return self.graphs.build(self.start_step, self.classifier, rows, why)
+
+    def _step(self, step: int, lr: float) -> tuple[torch.Tensor, int, float]:
+        """One optimizer step: (global mean loss, classifier rows updated, Horovod wait s)."""
+        batch = next(self.reader)
+        x_b = as_input(batch.inputs, self.dtype)
+        if x_b.dtype == torch.uint8 and self.cfg.data.augment:
+            # Seeded by (seed, step, rank): a resumed run augments exactly as the original.
+            gen = torch.Generator().manual_seed(int(np.random.default_rng(
+                [self.cfg.seed, step, self.world.rank, 7]).integers(2**62)))
+            x_b = augment_images(x_b, gen)
+        labels_b = torch.from_numpy(batch.labels)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none
+        feat_bD = self.backbone(x_b)
+        loss, loss_value = self.classifier.loss(feat_bD, labels_b, step)
+        loss.backward()
+        hvd_wait = data_parallel.step(self.world, self.optimizer)
+        rows = self.classifier.step(lr * self.classifier_lr_ratio)
+        return loss_value, rows, hvd_wait
+
+    def _after_step(self, done: int, lr: float, window: MetricsWindow, metrics: JsonLines,
+                    evals: JsonLines, bar, grad_bytes: int, stop: StopRequest,
+                    last_eval: dict | None) -> tuple[dict | None, bool]:
+        """Metrics line, evaluation and checkpoint when due, and the agreed stop request after
+        step `done`. Returns (the latest evaluation, whether to stop now)."""
+        train = self.cfg.train
+        last = done == train.steps
+        if done % train.log_every == 0 or last:
+            record = window.flush(self.world, step=done, epoch=self.reader.epoch, lr=lr,
+                                  global_batch=self.plan.global_batch, grad_bytes=grad_bytes)
+            metrics.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+        if (train.eval_every and done % train.eval_every == 0) or last:
+            last_eval = self._evaluate(done, evals)
+        preempted = stop.agreed()
+        if (train.checkpoint_every and done % train.checkpoint_every == 0) or last or preempted:
+            self._save(done)
+        if preempted:
+            self.log.warning("stopping at step %d on %s after a checkpoint; run again with "
+                             "--resume to continue", done, stop.name)
+        return last_eval, preempted
+
+    def _finish(self, stopped_at: int | None, signal_name: str | None, loss_value: float,
+                last_eval: dict | None, evals: JsonLines, wall_s: float) -> dict:
+        """The run's summary (written to summary.json unless it was stopped early)."""
+        self.reader.close()
+        if stopped_at is not None:
+            self.val_reader.close()
+            return {"stopped_at": stopped_at, "signal": signal_name, "run_dir": str(self.run_dir)}
+        if last_eval is None:  # resumed at the end: nothing left to train
+            last_eval = self._evaluate(self.cfg.train.steps, evals)
+        self.val_reader.close()
+        summary = {"steps": self.cfg.train.steps, "final_loss": loss_value, **last_eval,
+                   "world_size": self.world.size, "global_batch": self.plan.global_batch,
+                   "wall_s": wall_s, "run_dir": str(self.run_dir),
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                   "peak_rss_mb": peak_rss_mb()}
+        if self.world.is_root:
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    def _evaluate(self, step: int, evals: JsonLines) -> dict:
+        result = evaluate(self.world, self.backbone, self.classifier, self.val_reader,
+                          self.cfg.train.eval_max_samples, self.dtype)
+        evals.write({"step": step, **result})
+        self.log.info("eval step %d: top1 %.4f top5 %.4f over %d classes (%d samples)", step,
+                      result["top1"], result["top5"], result["num_classes"],
+                      result["num_samples"])
+        return result
+
+    def _save(self, step: int) -> None:
+        state = {"step": step, "backbone": self.backbone.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "rng": checkpoint.rng_state(),
+                 "knn": self.graphs.state_dict() if self.graphs is not None else None}
+        path = checkpoint.save(self.world, self.run_dir, step, self.classifier, state,
+                               self.reader.state_dict(), config_hash(self.cfg),
+                               self.cfg.train.keep_checkpoints)
+        self.log.info("checkpoint %s", path)
+
+
+def _as_str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
