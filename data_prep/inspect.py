@@ -17,21 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.format import (CLASSES_NAME, FORMAT_VERSION, LABELS_KEY, MANIFEST_NAME, SPLITS,
-                              DatasetError, Manifest, check_labels, load_manifest, open_shard,
-                              read_classes, sha256_file)
+from data_prep.format import (CLASSES_NAME, DATASET_JSON, FORMAT_VERSION, LABELS_KEY, SPLITS,
+                              DatasetError, DatasetInfo, check_labels, load_dataset_info,
+                              open_shard, read_classes, sha256_file)
 
 
 @dataclass(frozen=True)
 class DatasetSummary:
     """What inspect found in a valid dataset; `train_counts_C` is int64 (C,)."""
 
-    manifest: Manifest
+    dataset_info: DatasetInfo
     size_bytes: int
     train_counts_C: np.ndarray
 
     def lines(self, dataset_dir: str | Path) -> list[str]:
-        m, counts_C = self.manifest, self.train_counts_C
+        m, counts_C = self.dataset_info, self.train_counts_C
         splits = ", ".join(f"{name} {m.splits[name].num_samples} samples in "
                            f"{len(m.splits[name].shards)} shards" for name in SPLITS)
         return [
@@ -50,15 +50,15 @@ def inspect_dataset(dataset_dir: str | Path, progress: bool = False) -> DatasetS
     from tqdm import tqdm
 
     dataset_dir = Path(dataset_dir)
-    manifest = load_manifest(dataset_dir)
-    keys, listed_counts_C = read_classes(dataset_dir, manifest.num_classes)
-    train_counts_C = np.zeros(manifest.num_classes, dtype=np.int64)
-    size = sum((dataset_dir / name).stat().st_size for name in (MANIFEST_NAME, CLASSES_NAME))
-    shards = [(split, shard) for split in SPLITS for shard in manifest.splits[split].shards]
+    info = load_dataset_info(dataset_dir)
+    keys, listed_counts_C = read_classes(dataset_dir, info.num_classes)
+    train_counts_C = np.zeros(info.num_classes, dtype=np.int64)
+    size = sum((dataset_dir / name).stat().st_size for name in (DATASET_JSON, CLASSES_NAME))
+    shards = [(split, shard) for split in SPLITS for shard in info.splits[split].shards]
     for split, shard in tqdm(shards, unit="shard", desc="inspect", file=sys.stderr,
                              disable=not progress):
         path = dataset_dir / shard.path
-        with open_shard(dataset_dir, manifest, shard) as h5:
+        with open_shard(dataset_dir, info, shard) as h5:
             # Hash before reading labels: corrupt bytes are reported as such, not as odd labels.
             digest = sha256_file(path)
             if digest != shard.sha256:
@@ -70,9 +70,9 @@ def inspect_dataset(dataset_dir: str | Path, progress: bool = False) -> DatasetS
             except OSError as err:
                 raise DatasetError(path, f"reading {LABELS_KEY} failed ({err})",
                                    "regenerate the dataset") from err
-        check_labels(labels_n, manifest.num_classes, path)
+        check_labels(labels_n, info.num_classes, path)
         if split == "train":
-            train_counts_C += np.bincount(labels_n, minlength=manifest.num_classes)
+            train_counts_C += np.bincount(labels_n, minlength=info.num_classes)
         size += path.stat().st_size
     wrong_C = np.flatnonzero(train_counts_C != listed_counts_C)
     if wrong_C.size:
@@ -81,7 +81,7 @@ def inspect_dataset(dataset_dir: str | Path, progress: bool = False) -> DatasetS
                            f"{listed_counts_C[c]} but the train shards hold {train_counts_C[c]} "
                            f"samples of it ({wrong_C.size} classes differ)",
                            "regenerate the dataset or rewrite classes.tsv from the shards")
-    return DatasetSummary(manifest, size, train_counts_C)
+    return DatasetSummary(info, size, train_counts_C)
 
 
 def main(argv: list[str] | None = None) -> int:

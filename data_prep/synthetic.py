@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.format import DatasetError, DatasetWriter, Manifest, load_manifest
+from data_prep.format import DatasetError, DatasetInfo, load_dataset_info
+from data_prep.writer import DatasetWriter
 
 GENERATOR_NAME = "data_prep.synthetic"
 GENERATOR_VERSION = 1
@@ -193,8 +194,8 @@ class SyntheticGenerator:
 
 def generate(out_dir: str | Path, params: SyntheticParams, num_classes: int,
              shard_size: int | None = None, overwrite: bool = False, progress: bool = True,
-             grown_from: str | None = None) -> Manifest:
-    """Writes classes 0..num_classes-1 of `params` as a dataset; returns its manifest.
+             grown_from: str | None = None) -> DatasetInfo:
+    """Writes classes 0..num_classes-1 of `params` as a dataset; returns its DatasetInfo.
 
     Classes are processed in chunks of `params.chunk_classes` ids (vectorised over classes and
     samples); the train split holds each class's samples contiguously, in class order.
@@ -217,15 +218,15 @@ def generate(out_dir: str | Path, params: SyntheticParams, num_classes: int,
                     inputs_m, labels_m = generator.samples(ids_c, split, per_class)
                     writer.write(split, inputs_m[:keep * per_class], labels_m[:keep * per_class])
             bar.update(keep)
-    return writer.manifest
+    return writer.dataset_info
 
 
 def _params_to_grow(old_dir: str, args: argparse.Namespace) -> tuple[SyntheticParams, int]:
     """The parameters of the synthetic dataset in `old_dir` (and its class count); a flag given
     on the command line must agree with them."""
-    manifest = load_manifest(old_dir)
+    info = load_dataset_info(old_dir)
     path = Path(old_dir) / "dataset.json"
-    gen = manifest.generator
+    gen = info.generator
     if gen.get("name") != GENERATOR_NAME or gen.get("version") != GENERATOR_VERSION:
         raise DatasetError(path, f"was not written by {GENERATOR_NAME} version "
                            f"{GENERATOR_VERSION} (generator {gen.get('name')!r} version "
@@ -235,13 +236,13 @@ def _params_to_grow(old_dir: str, args: argparse.Namespace) -> tuple[SyntheticPa
     given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     given_classes = {"num_classes": args.num_classes} if args.num_classes is not None else {}
     for name, value in {**given, **given_classes}.items():
-        old = manifest.num_classes if name == "num_classes" else fields[name]
+        old = info.num_classes if name == "num_classes" else fields[name]
         if value != old:
             flag = "--" + name.replace("_", "-")
             raise DatasetError(path, f"{flag} {value} disagrees with the dataset to grow "
                                f"({name} = {old})", f"drop {flag} to keep the old value")
     try:
-        return SyntheticParams(**fields), manifest.num_classes
+        return SyntheticParams(**fields), info.num_classes
     except (TypeError, ValueError) as err:
         raise DatasetError(path, f"generator metadata is invalid ({err})",
                            "regenerate the dataset to grow") from err
@@ -262,11 +263,11 @@ def _params_from_flags(args: argparse.Namespace,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.synthetic",
-        description="Write a synthetic classification dataset (HDF5 shards, DESIGN.md section "
-                    "4) with classes in families of confusable classes. With --grow-from, "
-                    "regenerate an existing synthetic dataset's classes (same ids, keys and "
-                    "samples) and append --new-classes classes; the generator flags default to "
-                    "the old dataset's.")
+        description="Write a synthetic classification dataset (HDF5 shards, docs/design.md, "
+                    "'Contracts: Dataset directory') with classes in families of confusable "
+                    "classes. With --grow-from, regenerate an existing synthetic dataset's "
+                    "classes (same ids, keys and samples) and append --new-classes classes; the "
+                    "generator flags default to the old dataset's.")
     unless = "required unless --grow-from"
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--num-classes", type=int,
@@ -317,14 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             num_classes = old_classes + args.new_classes
         else:
             params, num_classes = _params_from_flags(args, parser), args.num_classes
-        manifest = generate(args.out, params, num_classes, shard_size=args.shard_size,
+        info = generate(args.out, params, num_classes, shard_size=args.shard_size,
                             overwrite=args.overwrite, grown_from=args.grow_from)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    train, val = manifest.splits["train"], manifest.splits["val"]
+    train, val = info.splits["train"], info.splits["val"]
     size = sum((Path(args.out) / s.path).stat().st_size for sp in (train, val) for s in sp.shards)
-    print(f"wrote {args.out}: {params.kind} {list(params.input_shape)} {manifest.input_dtype}, "
+    print(f"wrote {args.out}: {params.kind} {list(params.input_shape)} {info.input_dtype}, "
           f"{num_classes} classes in families of {params.family_size}, "
           f"train {train.num_samples} / val {val.num_samples} samples in "
           f"{len(train.shards)} + {len(val.shards)} shards, {size / 2**20:.1f} MiB, "

@@ -9,8 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep.build_shards import Listing, split_indices
-from data_prep.format import load_manifest, read_classes
+from data_prep.format import load_dataset_info, read_classes
 from data_prep.inspect import inspect_dataset
 from tests.integration.conftest import (BAD_IMAGES, IMAGE_CLASSES, IMAGE_SIZE, IMAGES_PER_CLASS,
                                         build_shards_cmd, class_colour)
@@ -27,8 +26,8 @@ def build(np_, input_, out, *extra, env=None):
 
 def shard_entries(out):
     """The shard lists of dataset.json: (path, num_samples, sha256) per split."""
-    manifest = json.loads((Path(out) / "dataset.json").read_text())
-    return {s: [(e["path"], e["num_samples"], e["sha256"]) for e in manifest["splits"][s]["shards"]]
+    info = json.loads((Path(out) / "dataset.json").read_text())
+    return {s: [(e["path"], e["num_samples"], e["sha256"]) for e in info["splits"][s]["shards"]]
             for s in ("train", "val")}
 
 
@@ -45,13 +44,13 @@ def snapshot(directory):
 def test_bad_images_are_skipped_and_reported_exactly(image_folder, image_dataset):
     out, proc = image_dataset
     summary = inspect_dataset(out)  # schema, every shard, sha256, labels, class counts
-    manifest = summary.manifest
-    assert manifest.kind == "images" and manifest.input_shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert manifest.num_classes == IMAGE_CLASSES
+    info = summary.dataset_info
+    assert info.kind == "images" and info.input_shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert info.num_classes == IMAGE_CLASSES
     # Every good image once; per class round(0.1 x files listed) = 1 in val (bad files included).
-    assert manifest.splits["train"].num_samples + manifest.splits["val"].num_samples \
+    assert info.splits["train"].num_samples + info.splits["val"].num_samples \
         == IMAGE_CLASSES * IMAGES_PER_CLASS
-    assert manifest.splits["val"].num_samples <= IMAGE_CLASSES
+    assert info.splits["val"].num_samples <= IMAGE_CLASSES
     keys, _ = read_classes(out, IMAGE_CLASSES)
     assert keys == [f"class{c}" for c in range(IMAGE_CLASSES)]
 
@@ -66,7 +65,7 @@ def test_bad_images_are_skipped_and_reported_exactly(image_folder, image_dataset
 
     # Images and labels stay aligned: each sample's mean colour is its class's colour.
     for split in ("train", "val"):
-        for shard in manifest.splits[split].shards:
+        for shard in info.splits[split].shards:
             with h5py.File(out / shard.path, "r") as h5:
                 images, labels = h5["/inputs"][:], h5["/labels"][:]
             assert images.dtype == np.uint8 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -112,8 +111,8 @@ def test_manifest_of_the_folder_builds_the_identical_dataset(image_folder, image
         manifest.unlink()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert shard_entries(tmp_path / "ds") == shard_entries(reference)
-    assert load_manifest(tmp_path / "ds").generator["plan"]["listing_sha256"] == \
-        load_manifest(reference).generator["plan"]["listing_sha256"]
+    assert load_dataset_info(tmp_path / "ds").generator["plan"]["listing_sha256"] == \
+        load_dataset_info(reference).generator["plan"]["listing_sha256"]
 
 
 def test_bad_input_is_one_line_exit_2_and_nothing_overwritten(image_folder, image_dataset,
@@ -140,20 +139,3 @@ def test_bad_input_is_one_line_exit_2_and_nothing_overwritten(image_folder, imag
         assert len(errors) == 1 and expect in errors[0], (input_, proc.stderr[-2000:])
         assert snapshot(reference) == before, f"{input_} changed the dataset"
 
-
-def test_split_is_per_class_and_independent_of_listing_order():
-    names = [f"c{c}/{i}.jpg" for c in range(3) for i in range(5 + 5 * c)]
-    labels = np.array([int(n[1]) for n in names])
-    listing = Listing("in", "in", names, labels, ["c0", "c1", "c2"], False)
-    splits = split_indices(listing, seed=3, val_fraction=0.2)
-    val_names = {names[i] for i in splits["val"]}
-    assert [sum(n.startswith(f"c{c}/") for n in val_names) for c in range(3)] == [1, 2, 3]
-    assert sorted(np.concatenate([splits["train"], splits["val"]])) == list(range(len(names)))
-    order = np.random.default_rng(0).permutation(len(names))
-    shuffled = Listing("in", "in", [names[i] for i in order], labels[order], ["c0", "c1", "c2"],
-                       False)
-    again = split_indices(shuffled, seed=3, val_fraction=0.2)
-    for split in ("train", "val"):  # the same files in the same sample order
-        assert [shuffled.names[i] for i in again[split]] == [names[i] for i in splits[split]]
-    other_seed = split_indices(listing, seed=4, val_fraction=0.2)
-    assert {names[i] for i in other_seed["val"]} != val_names

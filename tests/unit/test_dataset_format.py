@@ -1,4 +1,5 @@
-"""The dataset format: DatasetWriter output, manifest and shard checks (data_prep/format.py).
+"""The dataset format: DatasetWriter output (data_prep/writer.py), dataset.json and shard checks
+(data_prep/format.py).
 
 Also holds the helpers that build small datasets with known contents and break them in each
 way the tools must report; test_reader.py and test_inspect.py import them.
@@ -11,14 +12,15 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep.format import (CLASSES_HEADER, DatasetError, DatasetWriter, load_manifest,
-                              open_shard, read_classes, sha256_file)
+from data_prep.format import (CLASSES_HEADER, DatasetError, load_dataset_info, open_shard,
+                              read_classes, sha256_file)
+from data_prep.writer import DatasetWriter
 
 DIM = 4
 NUM_CLASSES = 7
 # Each case: the file that must be named in the error (relative to the dataset directory).
 BROKEN_CASES = {
-    "missing_manifest": "dataset.json",
+    "missing_dataset_json": "dataset.json",
     "missing_shard": "train/shard-00001.h5",
     "truncated_shard": "train/shard-00001.h5",
     "corrupt_header": "train/shard-00001.h5",
@@ -55,19 +57,19 @@ def rewrite_shard(dataset_dir, rel, inputs=None, labels=None):
         labels = h5["labels"][:] if labels is None else labels
     with h5py.File(path, "w") as h5:
         h5["inputs"], h5["labels"] = inputs, labels
-    manifest_path = Path(dataset_dir) / "dataset.json"
-    obj = json.loads(manifest_path.read_text())
+    info_path = Path(dataset_dir) / "dataset.json"
+    obj = json.loads(info_path.read_text())
     for shard in obj["splits"]["train"]["shards"] + obj["splits"]["val"]["shards"]:
         if shard["path"] == rel:
             shard["sha256"] = sha256_file(path)
-    manifest_path.write_text(json.dumps(obj))
+    info_path.write_text(json.dumps(obj))
 
 
 def break_dataset(dataset_dir, case):
     """Damages a dataset from write_dataset in the way `case` (a BROKEN_CASES key) names."""
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / BROKEN_CASES[case]
-    if case in ("missing_manifest", "missing_shard"):
+    if case in ("missing_dataset_json", "missing_shard"):
         path.unlink()
     elif case == "truncated_shard":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -91,10 +93,10 @@ def break_dataset(dataset_dir, case):
 
 
 def read_split(dataset_dir, split):
-    manifest = load_manifest(dataset_dir)
+    info = load_dataset_info(dataset_dir)
     inputs, labels = [], []
-    for shard in manifest.splits[split].shards:
-        with open_shard(dataset_dir, manifest, shard) as h5:
+    for shard in info.splits[split].shards:
+        with open_shard(dataset_dir, info, shard) as h5:
             inputs.append(h5["inputs"][:])
             labels.append(h5["labels"][:])
     return np.concatenate(inputs), np.concatenate(labels)
@@ -127,9 +129,9 @@ def test_writer_images_and_callable_keys(tmp_path):
     images = np.arange(5 * 6 * 6 * 3, dtype=np.uint8).reshape(5, 6, 6, 3)
     with DatasetWriter(tmp_path, "images", (6, 6, 3), 3, lambda i: f"c{i:07d}") as writer:
         writer.write("train", images, np.array([0, 1, 2, 0, 1]))
-    manifest = load_manifest(tmp_path)
-    assert manifest.kind == "images" and manifest.input_dtype == np.uint8
-    assert manifest.splits["val"].num_samples == 0 and manifest.splits["val"].shards == ()
+    info = load_dataset_info(tmp_path)
+    assert info.kind == "images" and info.input_dtype == np.uint8
+    assert info.splits["val"].num_samples == 0 and info.splits["val"].shards == ()
     np.testing.assert_array_equal(read_split(tmp_path, "train")[0], images)
     assert read_classes(tmp_path, 3)[0] == ["c0000000", "c0000001", "c0000002"]
 
@@ -145,7 +147,7 @@ def test_writer_refuses_existing_dataset_and_overwrite_replaces_it(tmp_path):
     assert sorted(p.name for p in (out / "train").iterdir()) == [
         "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]   # no stale shards remain
     assert (out / "notes.txt").read_text() == "mine"
-    assert load_manifest(out).splits["train"].num_samples == 103
+    assert load_dataset_info(out).splits["train"].num_samples == 103
 
 
 def test_writer_refuses_leftover_shards(tmp_path):
@@ -155,7 +157,7 @@ def test_writer_refuses_leftover_shards(tmp_path):
         write_dataset(out)
 
 
-def test_failed_write_leaves_no_manifest(tmp_path):
+def test_failed_write_leaves_no_dataset_json(tmp_path):
     with pytest.raises(RuntimeError):
         with DatasetWriter(tmp_path, "vectors", (DIM,), 2, ["a", "b"], shard_size=2) as writer:
             writer.write("train", known_inputs(0, 5), np.zeros(5, np.int64))
@@ -196,22 +198,22 @@ def test_writer_rejects_bad_arguments(tmp_path):
      r"splits.val.shards\[0\].path' must be 'val/shard-00000.h5'"),
     (lambda obj: obj["splits"]["val"]["shards"][1].update(sha256="abc"), "64 lowercase hex"),
 ])
-def test_manifest_schema_errors_name_the_key(tmp_path, edit, match):
+def test_dataset_json_schema_errors_name_the_key(tmp_path, edit, match):
     out = write_dataset(tmp_path / "ds")
     obj = json.loads((out / "dataset.json").read_text())
     edit(obj)
     (out / "dataset.json").write_text(json.dumps(obj))
     with pytest.raises(DatasetError, match=match) as info:
-        load_manifest(out)
+        load_dataset_info(out)
     assert str(info.value).startswith(str(out / "dataset.json") + ": ")
     assert "\n" not in str(info.value)
 
 
-def test_manifest_that_is_not_json(tmp_path):
+def test_dataset_json_that_is_not_json(tmp_path):
     out = write_dataset(tmp_path / "ds")
     (out / "dataset.json").write_text("{not json")
     with pytest.raises(DatasetError, match="cannot be read as JSON"):
-        load_manifest(out)
+        load_dataset_info(out)
 
 
 @pytest.mark.parametrize("case, match", [
@@ -224,9 +226,9 @@ def test_manifest_that_is_not_json(tmp_path):
 def test_open_shard_errors(tmp_path, case, match):
     out = write_dataset(tmp_path / "ds")
     break_dataset(out, case)
-    manifest = load_manifest(out)
+    dataset_info = load_dataset_info(out)
     with pytest.raises(DatasetError, match=match) as info:
-        open_shard(out, manifest, manifest.splits["train"].shards[1])
+        open_shard(out, dataset_info, dataset_info.splits["train"].shards[1])
     assert info.value.path == str(out / "train/shard-00001.h5")
     assert "\n" not in str(info.value)
 
@@ -234,9 +236,9 @@ def test_open_shard_errors(tmp_path, case, match):
 def test_open_shard_count_mismatch(tmp_path):
     out = write_dataset(tmp_path / "ds")
     rewrite_shard(out, "train/shard-00000.h5", known_inputs(0, 9), np.zeros(9, np.int64))
-    manifest = load_manifest(out)
+    dataset_info = load_dataset_info(out)
     with pytest.raises(DatasetError, match="holds 9 inputs and 9 labels but dataset.json says 10"):
-        open_shard(out, manifest, manifest.splits["train"].shards[0])
+        open_shard(out, dataset_info, dataset_info.splits["train"].shards[0])
 
 
 def test_classes_tsv_errors(tmp_path):

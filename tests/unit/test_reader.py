@@ -11,8 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
+from data_prep.batch_schedule import epoch_permutation
 from data_prep.format import DatasetError
-from data_prep.reader import ShardedReader, epoch_permutation
+from data_prep.reader import ShardedReader
 from tests.unit.test_dataset_format import (BROKEN_CASES, DIM, NUM_CLASSES, break_dataset,
                                             rewrite_shard, write_dataset)
 

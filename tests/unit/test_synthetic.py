@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.format import load_manifest, read_classes
+from data_prep.format import load_dataset_info, read_classes
 from data_prep.inspect import inspect_dataset
 from data_prep.synthetic import (SyntheticGenerator, SyntheticParams, class_key, generate,
                                  main)
@@ -29,13 +29,13 @@ def test_cli_writes_a_valid_dataset(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1 and result.stdout.startswith(f"wrote {out}: vectors")
     summary = inspect_dataset(out)
-    manifest = summary.manifest
-    assert manifest.kind == "vectors" and manifest.input_shape == (24,)
-    assert manifest.num_classes == 40
-    assert (manifest.splits["train"].num_samples, manifest.splits["val"].num_samples) == (200, 80)
-    assert len(manifest.splits["train"].shards) == 4
+    info = summary.dataset_info
+    assert info.kind == "vectors" and info.input_shape == (24,)
+    assert info.num_classes == 40
+    assert (info.splits["train"].num_samples, info.splits["val"].num_samples) == (200, 80)
+    assert len(info.splits["train"].shards) == 4
     assert list(summary.train_counts_C) == [5] * 40
-    assert manifest.generator["seed"] == 3 and manifest.generator["family_size"] == 8
+    assert info.generator["seed"] == 3 and info.generator["family_size"] == 8
     assert read_classes(out, 40)[0][:2] == ["c0000000", "c0000001"]
     inputs, labels = read_split(out, "train")
     assert list(labels[:7]) == [0, 0, 0, 0, 0, 1, 1]   # class-major
@@ -53,7 +53,7 @@ def test_cli_refuses_existing_output_unless_overwrite(tmp_path):
     assert "--overwrite" in refused.stderr
     assert (tmp_path / "dataset.json").read_text() == before
     assert run_cli(*args[:-1], 16, "--overwrite").returncode == 0
-    assert load_manifest(tmp_path).input_shape == (16,)
+    assert load_dataset_info(tmp_path).input_shape == (16,)
 
 
 def test_cli_usage_errors(tmp_path):
@@ -85,7 +85,7 @@ def test_grow_keeps_old_classes_bit_for_bit(tmp_path):
     generate(tmp_path / "old", params, 30, shard_size=25, progress=False)
     assert main(["--out", str(tmp_path / "new"), "--grow-from", str(tmp_path / "old"),
                  "--new-classes", "20", "--shard-size", "40", "--dim", "12"]) == 0
-    new = load_manifest(tmp_path / "new")
+    new = load_dataset_info(tmp_path / "new")
     assert new.num_classes == 50 and new.generator["grown_from"] == str(tmp_path / "old")
     for split, per_class in (("train", 3), ("val", 2)):
         old_inputs, old_labels = read_split(tmp_path / "old", split)
@@ -117,8 +117,8 @@ def test_images_kind(tmp_path):
     inputs, labels = read_split(tmp_path, "train")
     assert inputs.shape == (15, 12, 12, 3) and inputs.dtype == np.uint8
     assert inputs.min() < 40 and inputs.max() > 215   # uses the range
-    manifest = json.loads((tmp_path / "dataset.json").read_text())
-    assert manifest["input_shape"] == [12, 12, 3] and manifest["input_dtype"] == "uint8"
+    info = json.loads((tmp_path / "dataset.json").read_text())
+    assert info["input_shape"] == [12, 12, 3] and info["input_dtype"] == "uint8"
 
 
 def nearest_class_mean(params, num_classes, per_class=10, val_per_class=5):
