@@ -92,7 +92,7 @@ class ShardedClassifier:
 
     def set_graph(self, graph) -> None:
         """The KNN graph used by mode `knn` from the next step on (anything with
-        `rows(class_ids) -> (n, K) ints`, e.g. app.knn_graph.KnnGraph); swapped at a step
+        `rows(class_ids) -> (n, K) ints`, e.g. app.knn.GraphFile); swapped at a step
         boundary by the trainer."""
         self.graph = graph
 
