@@ -1,11 +1,17 @@
 """The distributed KNN graph under mpirun -np 2|3|4: every rank generates the full W from a seed,
 keeps its own rows, and the ring-built graph must equal a one-process exact graph of the full W.
+A resumed run's graph is reopened on every rank or on none, whatever each rank sees on disk.
 """
+import logging
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from app import knn_graph
+from app.knn import GraphFile, GraphRefresher, build_graph, random_graph, recall_at_k, write_graph
+from app.knn import cells, ring, search  # modules whose tuning constants the tests change
 from data_prep.clustered_rows import clustered_weights
 from mpi import collectives
 from mpi.partition import class_range
@@ -31,21 +37,21 @@ def gather_rows(world, graph) -> np.ndarray:
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_distributed_flat_graph_equals_exact(world, split, chunk, monkeypatch):
     if chunk:  # several ring rounds, ranks with different numbers of chunks
-        monkeypatch.setattr(knn_graph, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(ring, "CHUNK_ROWS", chunk)
     num_classes, k = 203, 8
     weight = full_weight(num_classes, 10, seed=11)
     part = class_range if split == "balanced" else uneven_range
     start, stop = part(num_classes, world.rank, world.size)
     before = world.traffic.bytes_sent
-    graph = knn_graph.build_graph(world, weight[start:stop], start, num_classes, k, index="flat")
+    graph = build_graph(world, weight[start:stop], start, num_classes, k, index="flat")
     assert (graph.start, graph.stop) == (start, stop)
     ref_ids, ref_sim = exact_graph(weight, k)
     assert_same_graph(graph.neighbors_ck, ref_ids[start:stop], ref_sim[start:stop])
     np.testing.assert_allclose(graph.similarity_ck[:, 1:], ref_sim[start:stop], atol=1e-5)
     # The ring moved rows and partial top-K between ranks, and said so.
     assert world.traffic.bytes_sent > before
-    recall = knn_graph.recall_at_k(world, weight[start:stop], start, num_classes, graph,
-                                   num_samples=150, seed=3)
+    recall = recall_at_k(world, weight[start:stop], start, num_classes, graph,
+                         num_samples=150, seed=3)
     assert recall == 1.0
 
 
@@ -54,25 +60,25 @@ def test_fewer_classes_than_ranks(world):
     num_classes = max(1, world.size - 1)
     weight = full_weight(num_classes, 4, seed=12)
     start, stop = class_range(num_classes, world.rank, world.size)
-    graph = knn_graph.build_graph(world, weight[start:stop], start, num_classes, 5, index="flat")
+    graph = build_graph(world, weight[start:stop], start, num_classes, 5, index="flat")
     assert graph.neighbors_ck.shape == (stop - start, num_classes)
     ref_ids, ref_sim = exact_graph(weight, num_classes)
     assert_same_graph(graph.neighbors_ck, ref_ids[start:stop], ref_sim[start:stop])
-    recall = knn_graph.recall_at_k(world, weight[start:stop], start, num_classes, graph)
+    recall = recall_at_k(world, weight[start:stop], start, num_classes, graph)
     assert recall == 1.0
 
 
 @pytest.mark.parametrize("index", ["ivf", "auto"])
 def test_approximate_graph_on_clustered_weights(world, index, monkeypatch):
     # Families straddle ranks; `auto` takes its large-C path (IVF + refinement on the ring).
-    monkeypatch.setattr(knn_graph, "FLAT_MAX_CLASSES", 100)
+    monkeypatch.setattr(search, "FLAT_MAX_CLASSES", 100)
     num_classes = 3000
     start, stop = uneven_range(num_classes, world.rank, world.size)
     weight = clustered_weights(num_classes, 32, start, stop, seed=5)
-    graph = knn_graph.build_graph(world, weight, start, num_classes, 16, index=index)
+    graph = build_graph(world, weight, start, num_classes, 16, index=index)
     assert np.array_equal(graph.neighbors_ck[:, 0], np.arange(start, stop))
     assert all(len(set(row)) == 16 for row in graph.neighbors_ck.tolist())
-    recall = knn_graph.recall_at_k(world, weight, start, num_classes, graph, num_samples=400)
+    recall = recall_at_k(world, weight, start, num_classes, graph, num_samples=400)
     assert recall >= 0.9
     assert len(set(collectives.allgather_object(world, recall))) == 1
 
@@ -81,13 +87,13 @@ def test_write_graph_is_collective_and_reopens(world, tmp_path_factory):
     num_classes, k = 97, 5
     weight = full_weight(num_classes, 6, seed=13)
     start, stop = uneven_range(num_classes, world.rank, world.size)
-    graph = knn_graph.build_graph(world, weight[start:stop], start, num_classes, k, index="flat")
+    graph = build_graph(world, weight[start:stop], start, num_classes, k, index="flat")
     # Every rank must write into the same file: rank 0 picks the directory.
     where = collectives.broadcast_object(
         world, str(tmp_path_factory.mktemp("knn")) if world.is_root else None)
     path = f"{where}/graph-step-00000003.h5"
-    knn_graph.write_graph(world, path, graph, num_classes, k, step=3, recall=1.0)
-    opened = knn_graph.KnnGraph.open(path, num_classes)
+    write_graph(world, path, graph, num_classes, k, step=3, recall=1.0)
+    opened = GraphFile.open(path, num_classes)
     assert (opened.k, opened.step, opened.index) == (k, 3, "flat")
     ref_ids, _ = exact_graph(weight, k)
     assert np.array_equal(opened.rows(np.arange(num_classes)), gather_rows(world, graph))
@@ -95,18 +101,93 @@ def test_write_graph_is_collective_and_reopens(world, tmp_path_factory):
     world.barrier()  # nobody removes the file while another rank still reads it
 
 
+def test_write_graph_failing_on_one_rank_fails_on_every_rank(world, tmp_path_factory, monkeypatch):
+    num_classes, k = 40, 3
+    start, stop = class_range(num_classes, world.rank, world.size)
+    where = collectives.broadcast_object(
+        world, str(tmp_path_factory.mktemp("knn")) if world.is_root else None)
+    path = Path(where) / "graph.h5"
+    if world.rank == world.size - 1:  # the last rank cannot write its rows
+
+        def broken(fd, data, offset):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr("os.pwrite", broken)
+    with pytest.raises(ValueError, match=rf"rank {world.size - 1} cannot write its rows"):
+        write_graph(world, path, random_graph(start, stop, num_classes, k, seed=2), num_classes,
+                    k, step=0, recall=float("nan"))
+    world.barrier()  # rank 0 has removed the .tmp file
+    assert not path.exists() and not path.with_name("graph.h5.tmp").exists()
+
 def test_cell_scan_probing_every_cell_is_exact(world, monkeypatch):
     # With every cell probed and groups of one member (CELLS_KEEP >= any cell's members), the
     # grouped cell scan of `auto` sees every class and keeps all of them: no refinement, and the
     # ring-built graph must equal the exact one. Uneven split: rank 0 may own no class.
-    monkeypatch.setattr(knn_graph, "FLAT_MAX_CLASSES", 100)
-    monkeypatch.setattr(knn_graph, "CELLS_PER_SQRT", 0.5)
-    monkeypatch.setattr(knn_graph, "CELLS_NPROBE", 1000)
-    monkeypatch.setattr(knn_graph, "CELLS_KEEP", 600)
-    monkeypatch.setattr(knn_graph, "CELLS_CHUNK_ROWS", 50)
+    monkeypatch.setattr(search, "FLAT_MAX_CLASSES", 100)
+    monkeypatch.setattr(cells, "CELLS_PER_SQRT", 0.5)
+    monkeypatch.setattr(cells, "CELLS_NPROBE", 1000)
+    monkeypatch.setattr(cells, "CELLS_KEEP", 600)
+    monkeypatch.setattr(cells, "CELLS_CHUNK_ROWS", 50)
     num_classes, k = 600, 9
     weight = full_weight(num_classes, 12, seed=17)
     start, stop = uneven_range(num_classes, world.rank, world.size)
-    graph = knn_graph.build_graph(world, weight[start:stop], start, num_classes, k, refine=0)
+    graph = build_graph(world, weight[start:stop], start, num_classes, k, refine=0)
     ref_ids, ref_sim = exact_graph(weight, k)
     assert_same_graph(graph.neighbors_ck, ref_ids[start:stop], ref_sim[start:stop])
+
+
+class _Classifier:
+    """What GraphRefresher needs of the sharded classifier: its class range and `set_graph`."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop, self.graph = start, stop, None
+
+    def set_graph(self, graph) -> None:
+        self.graph = graph
+
+
+@pytest.mark.parametrize("view,expected", [
+    ("file everywhere", True),
+    ("other ranks' check says gone", True),  # only rank 0's check counts
+    ("rank 0's check says gone", False),
+    ("file on rank 0 only", False),          # the others cannot open what rank 0 kept
+    ("file missing on rank 0 only", False),
+    ("no graph in the state", False),
+])
+def test_resumed_graph_is_one_decision_for_all_ranks(world, tmp_path_factory, monkeypatch, view,
+                                                     expected):
+    num_classes, k = 50, 4
+    start, stop = class_range(num_classes, world.rank, world.size)
+    where = Path(collectives.broadcast_object(
+        world, str(tmp_path_factory.mktemp("resume")) if world.is_root else None))
+    name = "graph-step-00000010.h5"
+    write_graph(world, where / "shared" / "knn" / name,
+                random_graph(start, stop, num_classes, k, seed=1), num_classes, k, step=10,
+                recall=0.5)
+    state = {"path": name, "built_at": 10, "recall": 0.5, "from_weights": True}
+    run_dir = where / "shared"
+    if view.startswith("file ") and view != "file everywhere":
+        # Each rank its own run directory: the ranks see different file systems.
+        run_dir = where / f"rank-{world.rank}"
+        (run_dir / "knn").mkdir(parents=True)
+        if world.is_root == (view == "file on rank 0 only"):
+            shutil.copy(where / "shared" / "knn" / name, run_dir / "knn" / name)
+    if view == "other ranks' check says gone" and not world.is_root:
+        monkeypatch.setattr(GraphRefresher, "_usable", lambda self, state: None)
+    if view == "rank 0's check says gone" and world.is_root:
+        monkeypatch.setattr(GraphRefresher, "_usable", lambda self, state: None)
+    if view == "no graph in the state":
+        state = None
+    refresher = GraphRefresher(world, None, k, run_dir, num_classes, seed=0, keep=2,
+                               log=logging.getLogger("hundredm"))
+    classifier = _Classifier(start, stop)
+    got = refresher.load_state_dict(state, classifier)
+    assert collectives.allgather_object(world, got) == [expected] * world.size
+    if expected:
+        assert (classifier.graph.k, classifier.graph.step) == (k, 10)
+        assert refresher.state_dict() == state
+        assert np.array_equal(classifier.graph.rows(np.arange(start, stop))[:, 0],
+                              np.arange(start, stop))
+    else:
+        assert classifier.graph is None and refresher.path is None
+    world.barrier()  # nobody removes the files while another rank still reads them

@@ -1,4 +1,4 @@
-"""app/knn_graph.py in one process (fake world): exactness of the flat graph, column 0, the HDF5
+"""app/knn/ in one process (fake world): exactness of the flat graph, column 0, the HDF5
 file and its memory-mapped reader, random graphs, approximate indexes on clustered data."""
 import json
 import logging
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from app import checkpoint, knn_graph
+from app import checkpoint
+from app.knn import GraphFile, build_graph, random_graph, recall_at_k, write_graph
+from app.knn import cells, search  # modules whose tuning constants the tests change
 from data_prep.clustered_rows import clustered_weights
 from mpi.world import fake_world
 
@@ -45,20 +47,20 @@ def world():
 def test_flat_graph_is_exact(world):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((300, 12))
-    graph = knn_graph.build_graph(world, weight, 0, 300, 9, index="flat")
+    graph = build_graph(world, weight, 0, 300, 9, index="flat")
     ref_ids, ref_sim = exact_graph(weight, 9)
     assert graph.index == "flat" and graph.neighbors_ck.dtype == np.int32
     assert_same_graph(graph.neighbors_ck, ref_ids, ref_sim)
     np.testing.assert_allclose(graph.similarity_ck[:, 1:], ref_sim, atol=1e-5)
     np.testing.assert_allclose(graph.similarity_ck[:, 0], 1.0, atol=1e-6)
-    assert knn_graph.recall_at_k(world, weight, 0, 300, graph, num_samples=100) == 1.0
+    assert recall_at_k(world, weight, 0, 300, graph, num_samples=100) == 1.0
 
 
 def test_column_zero_is_self_even_with_identical_rows(world):
     # Classes 0..3 share one vector: each must still list itself first, then the other three.
     weight = np.random.default_rng(1).standard_normal((40, 6))
     weight[1:4] = weight[0]
-    graph = knn_graph.build_graph(world, weight, 0, 40, 4, index="flat")
+    graph = build_graph(world, weight, 0, 40, 4, index="flat")
     assert np.array_equal(graph.neighbors_ck[:, 0], np.arange(40))
     for c in range(4):
         assert set(graph.neighbors_ck[c].tolist()) == {0, 1, 2, 3}
@@ -68,7 +70,7 @@ def test_column_zero_is_self_even_with_identical_rows(world):
 def test_k_larger_than_classes_is_clamped_with_a_warning(world, caplog):
     weight = np.random.default_rng(2).standard_normal((5, 4))
     with caplog.at_level(logging.WARNING, logger="hundredm"):
-        graph = knn_graph.build_graph(world, weight, 0, 5, 8, index="flat")
+        graph = build_graph(world, weight, 0, 5, 8, index="flat")
     assert graph.k == 5 and "using k=5" in caplog.text
     assert all(sorted(row) == list(range(5)) for row in graph.neighbors_ck.tolist())
 
@@ -77,20 +79,20 @@ def test_k_larger_than_classes_is_clamped_with_a_warning(world, caplog):
 def test_approximate_indexes_find_the_families(world, index, monkeypatch):
     # Clustered weights (families of 16): an approximate graph must recover the families.
     # `auto` takes its large-C path (IVF + refinement) by lowering the flat limit.
-    monkeypatch.setattr(knn_graph, "FLAT_MAX_CLASSES", 100)
+    monkeypatch.setattr(search, "FLAT_MAX_CLASSES", 100)
     weight = clustered_weights(4000, 32, 0, 4000, seed=3)
-    graph = knn_graph.build_graph(world, weight, 0, 4000, 16, index=index)
+    graph = build_graph(world, weight, 0, 4000, 16, index=index)
     assert np.array_equal(graph.neighbors_ck[:, 0], np.arange(4000))
     assert all(len(set(row)) == 16 for row in graph.neighbors_ck[::97].tolist())
-    assert knn_graph.recall_at_k(world, weight, 0, 4000, graph, num_samples=500) >= 0.9
+    assert recall_at_k(world, weight, 0, 4000, graph, num_samples=500) >= 0.9
 
 
 def test_cell_groups_hold_every_member_once_and_deal_families_apart():
     rng = np.random.default_rng(8)
     probe_cp = np.stack([rng.integers(0, 5, 300), rng.integers(0, 3, 300)], axis=1)
     x_cD = rng.standard_normal((300, 4)).astype(np.float32)
-    rows_gD, ids_g, bounds, group = knn_graph._cell_groups(x_cD, 1000, probe_cp, 7)
-    keep = knn_graph.CELLS_KEEP
+    rows_gD, ids_g, bounds, group = cells.cell_groups(x_cD, 1000, probe_cp, 7)
+    keep = cells.CELLS_KEEP
     assert np.array_equal(np.diff(bounds), group * keep)
     assert sorted(ids_g[ids_g >= 0].tolist()) == list(range(1000, 1300))
     assert torch.equal(rows_gD[ids_g >= 0], torch.from_numpy(x_cD[ids_g[ids_g >= 0] - 1000]))
@@ -107,31 +109,31 @@ def test_cell_groups_hold_every_member_once_and_deal_families_apart():
 
 def test_refine_from_previous_graph_after_weights_moved(world):
     weight = clustered_weights(3000, 32, 0, 3000, seed=4)
-    before = knn_graph.build_graph(world, weight, 0, 3000, 12, index="flat")
+    before = build_graph(world, weight, 0, 3000, 12, index="flat")
     moved = weight + 0.02 * np.random.default_rng(5).standard_normal(weight.shape)
-    graph = knn_graph.build_graph(world, moved, 0, 3000, 12, refine=2, init=before)
-    assert knn_graph.recall_at_k(world, moved, 0, 3000, graph) >= 0.95
+    graph = build_graph(world, moved, 0, 3000, 12, refine=2, init=before)
+    assert recall_at_k(world, moved, 0, 3000, graph) >= 0.95
 
 
 def test_recall_of_a_random_graph_is_low(world):
     weight = clustered_weights(2000, 16, 0, 2000, seed=6)
-    graph = knn_graph.random_graph(0, 2000, 2000, 10, seed=0)
-    recall = knn_graph.recall_at_k(world, weight, 0, 2000, graph)
+    graph = random_graph(0, 2000, 2000, 10, seed=0)
+    recall = recall_at_k(world, weight, 0, 2000, graph)
     # Column 0 always matches; the other 9 of 10 almost never do.
     assert 0.1 <= recall < 0.15
 
 
 def test_hdf5_round_trip_through_the_memory_mapped_reader(world, tmp_path):
     weight = np.random.default_rng(7).standard_normal((257, 8))
-    graph = knn_graph.build_graph(world, weight, 0, 257, 6, index="flat")
+    graph = build_graph(world, weight, 0, 257, 6, index="flat")
     path = tmp_path / "knn" / "graph-step-00000012.h5"
-    knn_graph.write_graph(world, path, graph, 257, 6, step=12, recall=0.5)
+    write_graph(world, path, graph, 257, 6, step=12, recall=0.5)
     assert path.is_file() and not path.with_name(path.name + ".tmp").exists()
     with h5py.File(path, "r") as f:
         assert f["neighbors"].dtype == np.int32 and f["similarity"].dtype == np.float16
         assert f["neighbors"].chunks is None and f["neighbors"].compression is None
         assert np.array_equal(f["neighbors"][:], graph.neighbors_ck)
-    g = knn_graph.KnnGraph.open(path, 257)
+    g = GraphFile.open(path, 257)
     assert isinstance(g.neighbors_CK, np.memmap)
     assert (g.num_classes, g.k, g.step, g.index, g.recall_at_k) == (257, 6, 12, "flat", 0.5)
     assert g.attrs["metric"] == "cosine"
@@ -143,21 +145,21 @@ def test_hdf5_round_trip_through_the_memory_mapped_reader(world, tmp_path):
 
 
 def test_reader_refuses_other_class_counts_and_bad_files(world, tmp_path):
-    graph = knn_graph.random_graph(0, 50, 50, 4, seed=1)
+    graph = random_graph(0, 50, 50, 4, seed=1)
     path = tmp_path / "g.h5"
-    knn_graph.write_graph(world, path, graph, 50, 4, step=0, recall=float("nan"))
+    write_graph(world, path, graph, 50, 4, step=0, recall=float("nan"))
     with pytest.raises(ValueError, match=r"g\.h5: KNN graph written for 50 classes but this "
                                          r"run has 60"):
-        knn_graph.KnnGraph.open(path, 60)
+        GraphFile.open(path, 60)
     with pytest.raises(ValueError, match=r"missing\.h5: cannot read"):
-        knn_graph.KnnGraph.open(tmp_path / "missing.h5", 50)
+        GraphFile.open(tmp_path / "missing.h5", 50)
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
     with pytest.raises(ValueError, match=r"junk\.h5: cannot read"):
-        knn_graph.KnnGraph.open(tmp_path / "junk.h5", 50)
+        GraphFile.open(tmp_path / "junk.h5", 50)
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"truncated\.h5"):
-        knn_graph.KnnGraph.open(truncated, 50)
+        GraphFile.open(truncated, 50)
     for name, how in [("int64.h5", "dtype"), ("chunked.h5", "contiguous")]:
         bad = tmp_path / name
         with h5py.File(bad, "w") as f:
@@ -169,12 +171,12 @@ def test_reader_refuses_other_class_counts_and_bad_files(world, tmp_path):
             f.attrs.update(num_classes=50, k=4, metric="cosine", step=0, index="flat",
                            recall_at_k=1.0)
         with pytest.raises(ValueError, match=f"{name}: /neighbors .*{how}"):
-            knn_graph.KnnGraph.open(bad, 50)
+            GraphFile.open(bad, 50)
 
 
 @pytest.mark.parametrize("num_classes,k", [(10_000, 32), (40, 40), (30, 25), (1, 1)])
 def test_random_graph(num_classes, k):
-    whole = knn_graph.random_graph(0, num_classes, num_classes, k, seed=3)
+    whole = random_graph(0, num_classes, num_classes, k, seed=3)
     nbr = whole.neighbors_ck
     assert nbr.shape == (num_classes, k) and nbr.dtype == np.int32
     assert np.array_equal(nbr[:, 0], np.arange(num_classes))
@@ -182,22 +184,22 @@ def test_random_graph(num_classes, k):
     assert all(len(set(row)) == k for row in nbr.tolist())
     # The same rows whatever the split into ranks; another seed gives another graph.
     cut = num_classes // 3
-    parts = [knn_graph.random_graph(a, b, num_classes, k, seed=3).neighbors_ck
+    parts = [random_graph(a, b, num_classes, k, seed=3).neighbors_ck
              for a, b in [(0, cut), (cut, num_classes)]]
     assert np.array_equal(np.concatenate(parts), nbr)
     if k > 1 and num_classes > 2 * k:
-        other = knn_graph.random_graph(0, num_classes, num_classes, k, seed=4).neighbors_ck
+        other = random_graph(0, num_classes, num_classes, k, seed=4).neighbors_ck
         assert not np.array_equal(other, nbr)
 
 
 def test_bad_arguments_are_refused(world):
     weight = np.ones((10, 4))
     with pytest.raises(ValueError, match="index='annoy'"):
-        knn_graph.build_graph(world, weight, 0, 10, 3, index="annoy")
+        build_graph(world, weight, 0, 10, 3, index="annoy")
     with pytest.raises(ValueError, match="num_classes=12"):
-        knn_graph.build_graph(world, weight, 0, 12, 3)
+        build_graph(world, weight, 0, 12, 3)
     with pytest.raises(ValueError, match="k=0"):
-        knn_graph.build_graph(world, weight, 0, 10, 0)
+        build_graph(world, weight, 0, 10, 0)
 
 
 def fake_run(tmp_path, num_classes=300, dim=8, step=40, splits=(0, 120, 300)):
@@ -230,7 +232,7 @@ def test_cli_builds_the_graph_of_the_newest_checkpoint(tmp_path):
     proc = run_cli("--run", str(run_dir), "--k", "6", "--index", "flat")
     assert proc.returncode == 0, proc.stderr
     assert "300 classes, K=6" in proc.stdout and "recall@6 1.000" in proc.stdout
-    graph = knn_graph.KnnGraph.open(run_dir / "knn" / "graph-step-00000040.h5", 300)
+    graph = GraphFile.open(run_dir / "knn" / "graph-step-00000040.h5", 300)
     assert graph.step == 40 and graph.recall_at_k == 1.0
     ref_ids, ref_sim = exact_graph(weight.astype(np.float64), 6)
     assert_same_graph(graph.rows(np.arange(300)), ref_ids, ref_sim)
