@@ -1,4 +1,4 @@
-"""KNN softmax (DESIGN.md section 3): each sample's softmax runs over A = K + R active classes,
+"""KNN softmax (docs/design.md, "One step"): each sample's softmax runs over A = K + R active classes,
 its label's K graph neighbours (column 0 = the label) plus R uniform random negatives, so the
 per-step cost depends on the batch and A, not on C.
 

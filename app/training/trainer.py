@@ -26,7 +26,7 @@ from app.backbones import augment_images
 from app.classifier.centres import imprint, starts_imprinted, train_centres
 from app.config import Config, config_hash, config_to_yaml
 from app.evaluate import evaluate
-from app.knn_state import KnnGraphs
+from app.knn import GraphRefresher
 from app.model import as_input, build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
 from app.training import data_parallel
@@ -66,9 +66,9 @@ class Trainer:
         self.classifier_lr_ratio = (cfg.optim.classifier_lr or cfg.optim.lr) / cfg.optim.lr
         self.graphs = None
         if cfg.softmax.mode == "knn":
-            self.graphs = KnnGraphs(world, cfg.knn, cfg.softmax.k, self.run_dir,
-                                    self.reader.num_classes, cfg.seed,
-                                    cfg.train.keep_checkpoints, log)
+            self.graphs = GraphRefresher(world, cfg.knn, cfg.softmax.k, self.run_dir,
+                                         self.reader.num_classes, cfg.seed,
+                                         cfg.train.keep_checkpoints, log)
 
     # -- resume (collective) --------------------------------------------------------------------
     def restore(self, choose=checkpoint.latest_checkpoint) -> None:

@@ -1,52 +1,44 @@
 """`mpirun -np 2 python -m app.bench graph [options]`: KNN graph build time and recall_at_k on
 synthetic clustered classifier weights, per index setting; JSON and PNG to docs/results/.
 
+`python -m app.bench knn` starts it as `mpirun python -m app.bench.graph`; it is an MPI program
+either way (every rank runs `main`, rank 0 writes the result).
+
 The weights imitate a trained classifier of confusable products: classes come in families of
-`--family` (16) whose rows are a shared random family centre plus a small per-class offset,
+`--family` whose rows are a shared random family centre plus a small per-class offset,
 `row = centre + spread * N(0, I/D)`, normalised (cosine between two classes of a family about
-1 / (1 + spread^2) = 0.64 at spread 0.75, between unrelated classes about N(0, 1/D)). Which
-classes form a family is a random permutation, so families straddle ranks, as products of one
-kind would in a real catalogue. Every rank generates only its own rows, the same for any number
-of ranks (`clustered_weights`).
+1 / (1 + spread^2), between unrelated classes about N(0, 1/D)). Which classes form a family is
+a random permutation, so families straddle ranks, as products of one kind would in a real
+catalogue. Every rank generates only its own rows, the same for any number of ranks
+(`data_prep.clustered_rows`).
 
 Timing: `seconds` is the wall time of `build_graph` on the slowest rank, `cpu_seconds` the CPU
 time of that rank's process over the build (the machine may be shared: on a loaded machine
-wall time exceeds CPU time by the share other processes took). Recall is measured on 1000
-sampled classes by distributed exact search (app/knn_graph.py, `recall_at_k`).
+wall time exceeds CPU time by the share other processes took). Recall is measured on
+`--samples` sampled classes by distributed exact search (`recall_at_k`). The result records
+whether the `auto` build at C = 1M meets its target (`app/bench/knn.py`, GRAPH_TARGET_*);
+what was measured is in docs/results/README.md.
 
-Measured on an idle machine (docs/results/knn_graph.json and knn_graph_1m.json; 2 ranks x 1
-thread, load average about 2, i.e. only this job; K = 64, spread 0.75):
-
-  C     setting        wall s   recall@10
-  100k  auto             5.1    0.989   (1265 cells, 8 probes, best of 12 groups, 2 passes)
-  100k  auto:refresh     1.9    0.995   (the graph before a drift of 0.1, rescored + 2 passes)
-  100k  flat            28.1    1.000
-  100k  ivf (nprobe 16)  8.5    0.903   (faiss IVFFlat, 894 lists per rank)
-  100k  ivf nprobe 4     4.0    0.821
-  100k  hnsw            49.9    1.000   (M 32, efConstruction 40, efSearch 64)
-  1M    auto            69.6    0.912   (4000 cells; median of 3 builds: 65.8, 69.6, 77.9 s)
-  1M    auto:refresh    33.1    0.947   (median of 3: 33.1, 33.7, 33.1 s)
-
-The 1M target (<= 90 s on 2 cores with recall >= 0.9) is met. The same build took 145 CPU-s
-per rank before the grouped cell scan and the allocator setting (mpi/world.py).
-
-Legend: c = this rank's classes, D = embedding dim, f = families.
+Legend: c = this rank's classes, D = embedding dim.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
-
+# Product code under measurement: app.knn, app.runlog (imported nowhere else here).
+from app.bench.knn import GRAPH_TARGET_CLASSES, GRAPH_TARGET_RECALL, GRAPH_TARGET_SECONDS
+from app.bench.results import RESULTS, bench_command, host_load, write_result
+from app.knn import build_graph, recall_at_k
+from app.runlog import init_logging
 from data_prep.clustered_rows import clustered_weights, drifted
+from mpi import collectives
+from mpi.partition import class_range
+from mpi.world import init_world
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results"
+
 def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app.bench graph",
                                 description=__doc__.split("\n\n")[0])
@@ -65,10 +57,10 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--max-slow-classes", type=int, default=100_000,
                    help="run settings other than auto only up to this many classes "
                         "(default: %(default)s)")
-    p.add_argument("--target-seconds", type=float, default=90.0,
-                   help="target wall seconds at C = 1M for auto (default: 90)")
-    p.add_argument("--target-recall", type=float, default=0.9,
-                   help="target recall_at_k at C = 1M for auto (default: 0.9)")
+    p.add_argument("--target-seconds", type=float, default=GRAPH_TARGET_SECONDS,
+                   help="target wall seconds at C = 1M for auto (default: %(default)g)")
+    p.add_argument("--target-recall", type=float, default=GRAPH_TARGET_RECALL,
+                   help="target recall_at_k at C = 1M for auto (default: %(default)g)")
     p.add_argument("--drift", type=float, default=0.1,
                    help="refresh settings: rows move by drift * N(0, I/D), renormalised "
                         "(default: 0.1, a cosine of about 0.995 to where they were)")
@@ -77,7 +69,9 @@ def parse_args(argv) -> argparse.Namespace:
                    help="builds per setting; the run with the median wall time is reported, "
                         "all wall times in seconds_all (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and sampling")
-    p.add_argument("--name", default="knn_graph", help="docs/results/NAME.json and .png")
+    p.add_argument("--name", default="knn_graph", help="RESULTS/NAME.json and .png")
+    p.add_argument("--results", type=Path, default=RESULTS,
+                   help="folder of the result files (default: docs/results)")
     return p.parse_args(argv)
 
 
@@ -95,13 +89,10 @@ def _setting(text: str) -> dict:
 
 
 def main(argv=None) -> int:
+    """Every rank: the builds of every class count and setting; rank 0 prints each and writes
+    the result. `argv` without the program name (default: sys.argv[1:])."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from mpi import collectives  # noqa: PLC0415
-    from mpi.partition import class_range  # noqa: PLC0415
-    from mpi.world import init_world  # noqa: PLC0415
-    from app import knn_graph  # noqa: PLC0415
-    from app.runlog import init_logging  # noqa: PLC0415
-
     try:
         settings = [_setting(s) for s in args.settings]
     except ValueError as exc:
@@ -117,71 +108,64 @@ def main(argv=None) -> int:
         for text, setting in zip(args.settings, settings):
             if setting["index"] != "auto" and num_classes > args.max_slow_classes:
                 continue
-            rows_now, init = rows_cD, None
-            if setting["refresh"]:  # the graph before the drift is built untimed
-                init = knn_graph.build_graph(world, rows_cD, start, num_classes, args.k,
-                                             setting["index"], setting["nprobe"], args.seed)
-                rows_now = drifted(rows_cD, start, args.drift, args.seed)
-            trials = []
-            for _ in range(args.repeats):
-                world.barrier()
-                cpu0 = time.process_time()
-                graph = knn_graph.build_graph(world, rows_now, start, num_classes, args.k,
-                                              setting["index"], setting["nprobe"], args.seed,
-                                              refine=setting["refine"], init=init)
-                cpu = time.process_time() - cpu0
-                recall = knn_graph.recall_at_k(world, rows_now, start, num_classes, graph,
-                                               args.samples, args.seed)
-                times = collectives.allgather_object(world, (graph.seconds, cpu))
-                trials.append((max(t for t, _ in times), max(c for _, c in times), recall))
-            median = sorted(trials)[len(trials) // 2]  # by wall time
-            run = {"classes": num_classes, "setting": text, "index": graph.index,
-                   "detail": graph.detail, "seconds": median[0], "cpu_seconds": median[1],
-                   "recall_at_k": median[2], "seconds_all": [t[0] for t in trials]}
+            run = {"classes": num_classes, "setting": text,
+                   **_measure(args, world, rows_cD, start, num_classes, setting)}
             runs.append(run)
             if world.is_root:
                 print(f"C={num_classes:>9} {text:>16}: {run['seconds']:7.1f}s wall "
                       f"{run['cpu_seconds']:7.1f}s cpu  recall@{min(10, args.k)} "
                       f"{run['recall_at_k']:.3f}  "
-                      f"({graph.detail})", flush=True)
+                      f"({run['detail']})", flush=True)
     if world.is_root:
-        _write(args, world, runs)
+        _write(args, argv, world, runs)
     return 0
 
 
-def _write(args, world, runs: list) -> None:
-    command = (f"mpirun -np {world.size} python -m app.bench graph "
-               + " ".join(map(shlex.quote, sys.argv[2:] if sys.argv[1:2] == ["graph"]
-                              else sys.argv[1:])))
-    target = [r for r in runs if r["classes"] == 1_000_000 and r["setting"] == "auto"]
-    result = {
-        "command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "ranks": world.size, "threads_per_rank": world.threads, "cpu_count": os.cpu_count(),
+def _measure(args, world, rows_cD, start: int, num_classes: int, setting: dict) -> dict:
+    """--repeats builds of one setting (collective: every rank calls it): the build with the
+    median wall time of the slowest rank, and all wall times."""
+    rows_now, init = rows_cD, None
+    if setting["refresh"]:  # the graph before the drift is built untimed
+        init = build_graph(world, rows_cD, start, num_classes, args.k, setting["index"],
+                           setting["nprobe"], args.seed)
+        rows_now = drifted(rows_cD, start, args.drift, args.seed)
+    trials = []
+    for _ in range(args.repeats):
+        world.barrier()
+        cpu0 = time.process_time()
+        graph = build_graph(world, rows_now, start, num_classes, args.k, setting["index"],
+                            setting["nprobe"], args.seed, refine=setting["refine"], init=init)
+        cpu = time.process_time() - cpu0
+        recall = recall_at_k(world, rows_now, start, num_classes, graph, args.samples, args.seed)
+        times = collectives.allgather_object(world, (graph.seconds, cpu))
+        trials.append((max(t for t, _ in times), max(c for _, c in times), recall))
+    median = sorted(trials)[len(trials) // 2]  # by wall time
+    return {"index": graph.index, "detail": graph.detail, "seconds": median[0],
+            "cpu_seconds": median[1], "recall_at_k": median[2],
+            "seconds_all": [t[0] for t in trials]}
+
+
+def _write(args, argv: list[str], world, runs: list) -> None:
+    target = [r for r in runs if r["classes"] == GRAPH_TARGET_CLASSES and r["setting"] == "auto"]
+    command = bench_command(argv, f"mpirun -np {world.size} python -m app.bench graph")
+    write_result(args.results, args.name, command, {
+        "ranks": world.size, "threads_per_rank": world.threads,
         # The host may be shared: wall time exceeds CPU time by what other processes took.
-        "load_average_at_end": list(os.getloadavg()),
+        **host_load(),
         "data": {"dim": args.dim, "family": args.family, "spread": args.spread, "k": args.k,
                  "seed": args.seed},
-        "target": {"classes": 1_000_000, "seconds": args.target_seconds,
+        "target": {"classes": GRAPH_TARGET_CLASSES, "seconds": args.target_seconds,
                    "recall_at_k": args.target_recall,
                    "met": bool(target) and all(r["seconds"] <= args.target_seconds
                                                and r["recall_at_k"] >= args.target_recall
                                                for r in target)},
         "runs": runs,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{args.name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    }, plot)
 
 
-def plot(result: dict, png: Path) -> None:
+def plot(plt, result: dict):
     """Recall against build time, one colour per setting: filled = wall seconds, hollow = CPU
     seconds of the slowest rank (they differ by what other processes took on a shared host)."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415
 
     runs, data, target = result["runs"], result["data"], result["target"]
@@ -209,8 +193,8 @@ def plot(result: dict, png: Path) -> None:
     ax.set_title(f"KNN graph, K={data['k']}, D={data['dim']}, families of {data['family']} "
                  f"(spread {data['spread']})")
     ax.legend(fontsize=7, ncol=2)
-    fig.savefig(png, dpi=110, bbox_inches="tight")
+    return fig
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

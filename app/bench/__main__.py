@@ -1,0 +1,110 @@
+"""`python -m app.bench SUBCOMMAND`: benchmarks whose results go to docs/results/ as JSON (with
+the exact command that produced them) and a PNG.
+
+  step      samples/s, step time against the backbone alone, and peak memory per rank of the
+            softmax modes at several class counts (each class count one mpirun job; the modes
+            and the backbone alone are timed in the same processes, median of --repeats)
+  accuracy  top-1 over all classes of full / sampled / knn (several K and random negatives) on
+            the structured synthetic data at equal steps (each configuration one training run)
+  graph     KNN graph build time and recall@K (app/bench/graph.py)
+  knn       the KNN softmax benchmark: runs the parts above with the settings the KNN softmax
+            is judged by (--parts; none = only the summary), then checks its targets against
+            their newest results and writes knn_targets.json / .png
+
+Benchmarks measure speed; tests check behaviour. Run them on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from app.bench import knn
+from app.bench.results import RESULTS
+
+
+def _results_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", type=Path, default=RESULTS,
+                   help="folder of the result files (default: docs/results)")
+
+
+def _step_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
+    s.add_argument("--modes", nargs="+", default=["full", "sampled", "knn"])
+    s.add_argument("--max-dense", type=int, default=1_000_000,
+                   help="skip full/sampled above this many classes (memory, time)")
+    s.add_argument("--np", type=int, default=2)
+    s.add_argument("--batch", type=int, default=256)
+    s.add_argument("--dim", type=int, default=128)
+    s.add_argument("--k", type=int, default=64)
+    s.add_argument("--random-negatives", type=int, default=64)
+    s.add_argument("--sample-rate", type=float, default=0.1)
+    s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--name", default="step_throughput")
+    _results_argument(s)
+
+
+def _accuracy_arguments(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--classes", type=int, default=100_000)
+    a.add_argument("--per-class", type=int, default=10)
+    a.add_argument("--data", default="data/bench-100k")
+    a.add_argument("--runs", default="runs/bench-accuracy")
+    a.add_argument("--config", default="configs/demo.yaml")
+    a.add_argument("--steps", type=int, default=1000)
+    a.add_argument("--eval-samples", type=int, default=20000)
+    a.add_argument("--np", type=int, default=2)
+    a.add_argument("--configs", nargs="+", default=[
+        "softmax.mode=full", "softmax.mode=sampled,softmax.sample_rate=0.0026",
+        "softmax.mode=knn,softmax.k=64,softmax.random_negatives=64"])
+    a.add_argument("--name", default="accuracy_100k")
+    _results_argument(a)
+
+
+def _knn_arguments(k: argparse.ArgumentParser) -> None:
+    k.add_argument("--parts", nargs="*", default=list(knn.KNN_PARTS), choices=list(knn.KNN_PARTS),
+                   help="parts to run before the summary (default: all; none: only the "
+                        "summary of the newest results)")
+    k.add_argument("--np", type=int, default=2, help="ranks of the graph part (default: 2)")
+    _results_argument(k)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    _step_arguments(sub.add_parser("step", help="step throughput of the softmax modes"))
+    _accuracy_arguments(sub.add_parser("accuracy",
+                                       help="top-1 of the softmax modes at equal steps"))
+    g = sub.add_parser("graph", help="KNN graph build time and recall (app/bench/graph.py)")
+    g.add_argument("rest", nargs=argparse.REMAINDER)
+    _knn_arguments(sub.add_parser("knn", help="the KNN softmax benchmark: accuracy, step and "
+                                              "graph parts, then its targets (knn_targets.json "
+                                              "/ .png)"))
+    return p
+
+
+def main(argv=None) -> int:
+    """Runs one benchmark; `argv` without the program name (default: sys.argv[1:]). Each
+    benchmark module is imported only when it runs (step and graph import the product code)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["graph"]:
+        # argparse cannot hand options after a subcommand on as a remainder: pass them directly.
+        from app.bench import graph  # noqa: PLC0415
+
+        return graph.main(argv[1:])
+    args = parser().parse_args(argv)
+    args.argv = argv
+    if args.what == "knn":
+        return knn.run(args, run_part=main)
+    if args.what == "step":
+        from app.bench import step  # noqa: PLC0415
+
+        return step.run(args)
+    from app.bench import accuracy  # noqa: PLC0415 - the one left: graph was handed on above
+
+    return accuracy.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

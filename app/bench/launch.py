@@ -1,0 +1,27 @@
+"""How the benchmarks start their jobs: this Python under mpirun (more ranks than cores allowed,
+as root allowed) or in a subprocess, with the repository on PYTHONPATH and its root as cwd."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from app.bench.results import ROOT
+
+
+def mpirun(num_ranks: int, *args: str) -> list[str]:
+    """The command line of `python ARGS` on `num_ranks` ranks."""
+    return ["mpirun", "-np", str(num_ranks), "--oversubscribe", sys.executable, *args]
+
+
+def run_env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMPI_ALLOW_RUN_AS_ROOT="1",
+                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+
+
+def run(cmd: list[str], echo: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, **kwargs)` in the repository root with `run_env()`; `echo` prints
+    the command first."""
+    if echo:
+        print("running:", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, env=run_env(), **kwargs)
