@@ -33,6 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+def publish(path: str | os.PathLike) -> None:
+    """Rename the finished `tmp_path(path)` over `path`: the last step of a write that cannot
+    be one `atomic_path` block (several ranks fill the temporary file, one renames it)."""
+    path = Path(path)
+    os.replace(tmp_path(path), path)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from app.knn.ring import Layout
-from common.files import tmp_path
+from common.files import publish, tmp_path
 from mpi.agree import SetupError, agree, decide_on_root
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def write_graph(world, path, graph: LocalGraph, num_classes: int, k: int, step: 
         if world.is_root:
             tmp.unlink(missing_ok=True)
         raise
-    decide_on_root(world, lambda: _publish(tmp, path))  # also the closing barrier
+    decide_on_root(world, lambda: _publish(path))  # also the closing barrier
 
 
 def _create_file(tmp: Path, num_classes: int, k: int, attrs: dict) -> dict:
@@ -109,10 +109,10 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _publish(tmp: Path, path: Path) -> None:
+def _publish(path: Path) -> None:
     """Rank 0: the complete file under its name."""
     try:
-        os.replace(tmp, path)
+        publish(path)
     except OSError as exc:
         raise ValueError(f"{path}: cannot publish the graph ({exc.strerror})") from None
 
