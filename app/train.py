@@ -1,9 +1,10 @@
 """`python -m app.train --config FILE [--set key=value ...] [--resume]` under mpirun or srun.
 
 Trains the hybrid-parallel classifier (docs/design.md) in the run directory `out_dir`. Exit codes:
-0 done, 2 bad config, dataset or checkpoint (one line on stderr, nothing written), 3 stopped by
-SIGUSR1 or SIGTERM after writing a checkpoint (--resume continues), 1 a failure during training
-(traceback tagged with the rank; all ranks are stopped).
+0 done, 2 bad config, dataset or checkpoint, or an out_dir that cannot be used or is used by
+another run (one line on stderr, nothing written), 3 stopped by SIGUSR1 or SIGTERM after writing
+a checkpoint (--resume continues), 1 a failure during training (traceback tagged with the rank;
+all ranks are stopped).
 """
 from __future__ import annotations
 
@@ -41,12 +42,17 @@ def main(argv=None) -> int:
         # Every rank validates on its own, then all agree before the first collective.
         trainer = agree(world, lambda: Trainer(world, load_config(args.config, args.set),
                                                args.resume, log))
-        trainer.restore()
     except SetupError as exc:
-        code = exit_on_setup_error(world, exc)
-        world.shutdown()
-        return code
-    summary = trainer.run()
+        return _refuse(world, exc)
+    try:
+        try:
+            trainer.open_run_dir()  # rank 0 locks out_dir until the end of the run
+            trainer.restore()
+        except SetupError as exc:
+            return _refuse(world, exc)
+        summary = trainer.run()
+    finally:  # also on exit 3 and on failures (the lock would die with the process anyway)
+        trainer.release()
     if "stopped_at" in summary:  # preempted: a checkpoint was written, --resume continues
         world.shutdown()
         return EXIT_STOPPED
@@ -56,6 +62,12 @@ def main(argv=None) -> int:
               f"run directory: {summary['run_dir']}", flush=True)
     world.shutdown()
     return 0
+
+
+def _refuse(world, exc: SetupError) -> int:
+    code = exit_on_setup_error(world, exc)
+    world.shutdown()
+    return code
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The training loop and what it needs around the model.
 
-- `trainer`: `Trainer`, one run in `out_dir`: set-up (no communication), `restore()` from a
-  checkpoint (collective), `run()` (the loop: step, after-step, finish);
+- `trainer`: `Trainer`, one run in `out_dir`: set-up (no communication), `open_run_dir()`
+  (collective: rank 0 locks and checks `out_dir`), `restore()` from a checkpoint (collective),
+  `run()` (the loop: step, after-step, finish), `release()` (unlock);
 - `plan`: `RunPlan`, the numbers derived once from config, dataset and world;
-- `run_dir`: the run directory (refusing a used one, trimming metrics on resume);
+- `run_dir`: the run directory (`RunLock`, refusing a used one, dropping a torn log line and
+  trimming the logs on resume);
 - `stop`: `StopRequest`, SIGUSR1/SIGTERM agreed over the ranks at step boundaries;
 - `metrics`: `MetricsWindow`, per-step figures folded into one metrics line per interval;
 - `data_parallel`: Horovod in one place (the backbone's DistributedOptimizer, broadcast);

@@ -6,7 +6,8 @@ Three phases with different communication rules:
 - construction (`Trainer(...)`) reads the config, the dataset and the world and communicates
   nothing, so the entry point can agree on a set-up error before any collective
   (`mpi.agree.agree`);
-- `restore()` (collective) continues from the checkpoint rank 0 chose;
+- `open_run_dir()` (collective) locks the run directory on rank 0 and checks it; `restore()`
+  (collective) continues from the checkpoint rank 0 chose; `release()` unlocks at the end;
 - `run()` (collective from its first line): start (broadcast, run directory, initial rows and
   graph), then per step `_step` (forward, backward, updates) and `_after_step` (metrics,
   evaluation, checkpoint, stop request), then `_finish` (summary).
@@ -32,7 +33,7 @@ from app.runlog import JsonLines, peak_rss_mb, progress_bar
 from app.training import data_parallel
 from app.training.metrics import MetricsWindow
 from app.training.plan import make_run_plan
-from app.training.run_dir import check_run_dir, prepare_run_dir
+from app.training.run_dir import RunLock, check_run_dir, prepare_run_dir, repair_logs
 from app.training.schedule import LRSchedule
 from app.training.stop import StopRequest
 from common.files import write_text_atomic
@@ -48,12 +49,16 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self.start_step = 0
         self.resumed_from: Path | None = None
-        check_run_dir(self.run_dir, resume)
+        self.lock: RunLock | None = None
         self.reader = ShardedReader(cfg.data.path, "train", world.rank, world.size,
                                     cfg.train.batch_size, cfg.seed, prefetch=cfg.data.prefetch)
         self.val_reader = ShardedReader(cfg.data.path, "val", world.rank, world.size,
                                         cfg.train.eval_batch_size, cfg.seed, shuffle=False,
                                         drop_last=False, prefetch=cfg.data.prefetch)
+        if cfg.softmax.mode == "knn" and cfg.softmax.k > self.reader.num_classes:
+            raise ValueError(f"softmax.k: {cfg.softmax.k} is larger than the dataset's "
+                             f"{self.reader.num_classes} classes; set softmax.k <= "
+                             f"{self.reader.num_classes}")
         self.plan = make_run_plan(world, cfg, self.reader.num_classes,
                                   self.reader.batches_per_epoch)
         if world.device.type != "cpu":
@@ -70,7 +75,29 @@ class Trainer:
                                          self.reader.num_classes, cfg.seed,
                                          cfg.train.keep_checkpoints, log)
 
-    # -- resume (collective) --------------------------------------------------------------------
+    # -- run directory and resume (collective) ------------------------------------------------------
+    def open_run_dir(self) -> None:
+        """Collective, first after construction: rank 0 locks the run directory for the whole
+        run (`RunLock`; a second job on it is refused, whatever its flags), refuses one that
+        holds a run without --resume, and drops a log line torn by a kill. Every rank follows
+        rank 0's decision: a refusal is the same SetupError on every rank before any other
+        collective."""
+        def decide() -> None:
+            self.lock = RunLock(self.run_dir)
+            try:
+                check_run_dir(self.run_dir, self.resume)
+                repair_logs(self.run_dir, self.log)
+            except ValueError:
+                self.release()
+                raise
+        decide_on_root(self.world, decide)
+
+    def release(self) -> None:
+        """Unlock the run directory (rank 0; a no-op elsewhere and when not locked)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def restore(self, choose=checkpoint.latest_checkpoint) -> None:
         """With `--resume`: continue from the newest complete checkpoint. Rank 0 chooses it
         (`choose(run_dir)`, a listing of its view of the file system) and every rank loads that
