@@ -1,0 +1,59 @@
+"""The contract fields of metrics.jsonl (docs/design.md, "Run directory") with values checked
+against what they must be, and determinism: the same seed and number of ranks give an identical
+loss trace on the CPU."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.backbones import build_backbone
+from app.config import load_config
+from app.training.schedule import LRSchedule
+from tests.integration.test_train import train
+
+FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "step_time_s", "comm_time_s",
+          "bytes_sent", "grad_bytes_sent", "peak_rss_mb")
+RUN = ["train.dtype=float32", "train.log_every=2", "softmax.mode=sampled",
+       "softmax.sample_rate=0.5"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(vectors_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    for name in ("a", "b"):
+        # 60 classes x 16 samples, global batch 48: 20 steps cross an epoch boundary.
+        proc = train(2, vectors_dataset, root / name, 20, 24, *RUN)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_and_ranks_give_an_identical_loss_trace(two_runs):
+    a, b = records(two_runs / "a"), records(two_runs / "b")
+    assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]
+
+
+def test_metrics_lines_hold_the_contract_fields_with_their_values(two_runs, vectors_dataset):
+    run_dir = two_runs / "a"
+    cfg = load_config(str(run_dir / "config.yaml"), [])
+    lines = records(run_dir)
+    assert [r["step"] for r in lines] == list(range(2, 21, 2))
+    schedule = LRSchedule(cfg.optim.lr, cfg.schedule, cfg.train.steps)
+    backbone = build_backbone(cfg.model, (16,))
+    grad_bytes = sum(p.numel() * 4 for p in backbone.parameters())
+    for r in lines:
+        assert all(key in r for key in FIELDS), sorted(set(FIELDS) - set(r))
+        # The lr of the window's last step; an epoch is 960 / 48 = 20 steps.
+        assert r["lr"] == pytest.approx(schedule(r["step"] - 1), rel=1e-12)
+        assert r["epoch"] == r["step"] // 20
+        # Ring allreduce of the float32 backbone gradients on 2 ranks: 2 (P-1)/P of them.
+        assert r["grad_bytes_sent"] == grad_bytes
+        # Plus at least this rank's features (24 x D float32) and labels sent each step.
+        assert r["bytes_sent"] >= grad_bytes + 24 * (cfg.model.embedding_dim * 4 + 8)
+        assert r["samples_per_s"] > 0 and r["step_time_s"] > 0 and r["comm_time_s"] >= 0
+        assert 10 < r["peak_rss_mb"] < 24 * 1024
+        assert torch.isfinite(torch.tensor(r["loss"]))
