@@ -67,9 +67,9 @@ def main(argv=None) -> int:
     run_dir = Path(args.run)
     try:
         # Rank 0 chooses the checkpoint; every rank then loads its part of that one.
-        directory = decide_on_root(world, lambda: str(checkpoint.find_checkpoint(
-            run_dir, args.checkpoint)))
-        state = agree(world, lambda: _load_for_eval(world, run_dir, Path(directory), args.set))
+        directory = decide_on_root(world, lambda: checkpoint.find_checkpoint(run_dir,
+                                                                            args.checkpoint))
+        state = agree(world, lambda: _load_for_eval(world, run_dir, directory, args.set))
     except SetupError as exc:
         code = exit_on_setup_error(world, exc)
         world.shutdown()

@@ -90,13 +90,13 @@ def _prepare(world, args) -> _Job:
     failure is the same SetupError on every rank, before the first collective of the build."""
     run_dir = Path(args.run)
 
-    def choose() -> str:
+    def choose() -> Path:
         if args.k < 1 or args.samples < 1 or args.nprobe < 1:
             raise ValueError(f"--k, --samples and --nprobe must be >= 1, got {args.k}, "
                              f"{args.samples}, {args.nprobe}")
-        return str(checkpoint.find_checkpoint(run_dir, args.checkpoint))
+        return checkpoint.find_checkpoint(run_dir, args.checkpoint)
 
-    directory = Path(decide_on_root(world, choose))
+    directory = decide_on_root(world, choose)
     return agree(world, lambda: _read_job(world, args, run_dir, directory))
 
 

@@ -61,22 +61,28 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
                          f"or set out_dir to a new directory")
 
 
-def _records(path: Path) -> tuple[list[str], int]:
-    """The JSON lines of `path` and how many torn lines at its end were dropped (0 or 1).
-    ValueError naming the line for a damaged line before the last one."""
+def _records(path: Path) -> tuple[list[tuple[str, int]], int]:
+    """(line, step) of every JSON line of `path`, and how many torn lines at its end were
+    dropped (0 or 1). ValueError naming the line for a damaged line before the last one."""
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-            ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+            step = record.get("step") if isinstance(record, dict) else None
         except json.JSONDecodeError:
-            ok = False
-        if not ok:
+            step = None
+        if not isinstance(step, int):
             if number == len(lines):  # a kill in the middle of the last append
-                return lines[:-1], 1
+                return kept, 1
             raise ValueError(f"{path}: line {number} is not a JSON record with a step; repair "
                              f"or remove the line, or use another out_dir")
-    return lines, 0
+        kept.append((line, step))
+    return kept, 0
+
+
+def _write_lines(path: Path, records: list[tuple[str, int]]) -> None:
+    write_text_atomic(path, "".join(line + "\n" for line, _ in records))
 
 
 def repair_logs(run_dir: Path, log) -> None:
@@ -90,7 +96,7 @@ def repair_logs(run_dir: Path, log) -> None:
         if dropped:
             log.warning("%s: dropped %d torn line(s) at the end (a run killed while writing)",
                         path, dropped)
-            write_text_atomic(path, "".join(line + "\n" for line in kept))
+            _write_lines(path, kept)
 
 
 def prepare_run_dir(run_dir: Path, config_yaml: str | None, start_step: int) -> None:
@@ -102,5 +108,5 @@ def prepare_run_dir(run_dir: Path, config_yaml: str | None, start_step: int) -> 
     for name in LOGS:
         path = run_dir / name
         if path.exists():
-            kept = [line for line in _records(path)[0] if json.loads(line)["step"] <= start_step]
-            write_text_atomic(path, "".join(line + "\n" for line in kept))
+            _write_lines(path, [(line, step) for line, step in _records(path)[0]
+                                if step <= start_step])

@@ -105,12 +105,11 @@ class Trainer:
         A problem on any rank raises the same SetupError on every rank."""
         if not self.resume:
             return
-        found = decide_on_root(self.world, lambda: _as_str(choose(self.run_dir)))
-        if found is None:
+        directory = decide_on_root(self.world, lambda: choose(self.run_dir))
+        if directory is None:
             self.log.info("--resume: no complete checkpoint in %s, starting from step 0",
                           self.run_dir)
             return
-        directory = Path(found)
         manifest, state = agree(self.world, lambda: self._load(directory))
         if self.graphs is not None and not self.graphs.load_state_dict(state.get("knn"),
                                                                         self.classifier):
@@ -303,6 +302,3 @@ class Trainer:
                                self.cfg.train.keep_checkpoints)
         self.log.info("checkpoint %s", path)
 
-
-def _as_str(path: Path | None) -> str | None:
-    return None if path is None else str(path)
