@@ -36,15 +36,42 @@ def test_valid_dataset_prints_summary(tmp_path):
     assert lines[3] == "train samples per class: min 14, mean 14.71, max 15"
 
 
+# What each broken case's error line must say after "error: PATH: " (write_dataset's shards
+# hold float32 inputs of 4 values and labels in [0, 7); break_dataset damages row 3 of the
+# labels and the inputs of train/shard-00001.h5).
+EXPECTED_MESSAGES = {
+    "missing_dataset_json": ["missing", "has no dataset.json"],
+    "missing_shard": ["shard listed in dataset.json is missing"],
+    "truncated_shard": ["cannot be opened as HDF5", "truncated"],
+    "corrupt_header": ["cannot be opened as HDF5", "corrupt"],
+    "corrupt_middle": ["sha256", "does not match", "in dataset.json", "corrupt"],
+    "label_negative": ["label -1 at row 3 is outside [0, 7)"],
+    "label_too_large": ["label 7 at row 3 is outside [0, 7)"],
+    "shape_mismatch": ["/inputs is float32 [5] per sample but dataset.json says float32 [4]"],
+    "dtype_mismatch": ["/inputs is float64 [4] per sample but dataset.json says float32 [4]"],
+}
+
+
+def test_every_broken_case_has_an_expected_message():
+    assert set(EXPECTED_MESSAGES) == set(BROKEN_CASES), \
+        "each case of BROKEN_CASES needs the words its error must say in EXPECTED_MESSAGES"
+
+
 @pytest.mark.parametrize("case", sorted(BROKEN_CASES))
 def test_broken_dataset_exits_2_naming_the_file(tmp_path, case):
     out = write_dataset(tmp_path / "ds")
     break_dataset(out, case)
     result = run_inspect(out)
     assert_one_line_error(result, out / BROKEN_CASES[case])
-    expected = {"corrupt_middle": "does not match", "label_negative": "label -1 at row 3",
-                "label_too_large": "label 7 at row 3", "truncated_shard": "truncated"}
-    assert expected.get(case, "") in result.stderr
+    message = result.stderr[len(f"error: {out / BROKEN_CASES[case]}: "):]
+    for words in EXPECTED_MESSAGES[case]:
+        assert words in message, (case, result.stderr)
+    # The file or key at fault is named: the shard (or dataset.json) in the path, the array key
+    # in the message where one array is at fault.
+    assert Path(BROKEN_CASES[case]).name == Path(result.stderr.split(": ")[1]).name
+    key = {"label_negative": "label", "label_too_large": "label", "shape_mismatch": "/inputs",
+           "dtype_mismatch": "/inputs"}.get(case)
+    assert key is None or key in message
 
 
 def test_class_counts_must_match_train_labels(tmp_path):
