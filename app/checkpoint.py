@@ -16,6 +16,7 @@ loader checks it against the current run and explains any mismatch.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import time
@@ -61,10 +62,11 @@ def save(world, run_dir: Path, step: int, classifier, trainer_state: dict, data_
     directory = step_dir(run_dir, step)
     if world.is_root:
         if directory.exists():  # a leftover of a crash during an earlier save of this step
-            shutil.rmtree(directory)
+            _delete(directory)
         directory.mkdir(parents=True)
     world.barrier()
     entry = write_rows(directory, classifier.start, classifier.stop, classifier.state_arrays())
+    _injected_delay()
     entries = collectives.allgather_object(world, entry)
     if world.is_root:
         with atomic_path(directory / TRAINER_STATE) as tmp:
@@ -100,13 +102,34 @@ def write_rows(directory: Path, start: int, stop: int, arrays: dict[str, np.ndar
     return {"start": start, "stop": stop, "file": rel}
 
 
+def _injected_delay() -> None:
+    """Fault injection for tests (docs/design.md, "Fault injection"): every rank waits
+    HUNDREDM_FAULT_CHECKPOINT_DELAY_S seconds after writing its rows, as a checkpoint that large
+    would take, so signal and crash tests can act while a checkpoint is being written."""
+    value = os.environ.get("HUNDREDM_FAULT_CHECKPOINT_DELAY_S")
+    if value:
+        time.sleep(float(value))
+
+
 def _prune(run_dir: Path, keep: int, current: Path) -> None:
-    complete = complete_checkpoints(run_dir)
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for partial in (Path(run_dir) / "checkpoints").glob("step-*"):
-        if partial != current and not (partial / MANIFEST).exists():
-            shutil.rmtree(partial, ignore_errors=True)
+    """Deletes all but the newest `keep` complete checkpoints and every incomplete one. Each is
+    first renamed out of the `step-*` namespace (atomic), so a crash in the middle of a deletion
+    never leaves a directory that still has its manifest but lost some rows."""
+    root = Path(run_dir) / "checkpoints"
+    doomed = complete_checkpoints(run_dir)[:-keep]
+    doomed += [p for p in root.glob("step-*") if p != current and not (p / MANIFEST).exists()]
+    for old in doomed:
+        _delete(old)
+    for trash in root.glob("deleting-*"):  # what a crash during a deletion left behind
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _delete(directory: Path) -> None:
+    """Renames `directory` out of the `step-*` namespace (atomic), then deletes it."""
+    trash = directory.with_name(f"deleting-{directory.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    directory.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -2,17 +2,23 @@
 
 Trains the hybrid-parallel classifier (docs/design.md) in the run directory `out_dir`. Exit codes:
 0 done, 2 bad config, dataset or checkpoint, or an out_dir that cannot be used or is used by
-another run (one line on stderr, nothing written), 3 stopped by SIGUSR1 or SIGTERM after writing
-a checkpoint (--resume continues), 1 a failure during training (traceback tagged with the rank;
-all ranks are stopped).
+another run (one line on stderr, nothing written), 3 stopped by SIGUSR1, SIGTERM or SIGINT after
+writing a checkpoint (--resume continues), 1 a failure during training (traceback tagged with the
+rank; all ranks are stopped). What mpirun and sbatch report around these: README "Exit codes".
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mpi.agree import SetupError, agree, exit_on_setup_error
-from mpi.world import init_world
+from app.training.stop import StopRequest
+
+# Before any other work (MPI, torch threads, the dataset): a stop signal during set-up is kept
+# and honoured after the first step instead of killing the process.
+STOP = StopRequest() if __name__ == "__main__" else None
+
+from mpi.agree import SetupError, agree, exit_on_setup_error  # noqa: E402
+from mpi.world import init_world  # noqa: E402
 
 # Stopped early by SIGUSR1/SIGTERM after writing a checkpoint (slurm/train.sbatch requeues).
 EXIT_STOPPED = 3
@@ -30,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv=None, stop: StopRequest | None = None) -> int:
+    stop = stop or STOP or StopRequest()
     args = parse_args(argv)
     world = init_world()
     from app.config import load_config  # noqa: PLC0415 - after MPI start, keeps --help fast
@@ -50,7 +57,7 @@ def main(argv=None) -> int:
             trainer.restore()
         except SetupError as exc:
             return _refuse(world, exc)
-        summary = trainer.run()
+        summary = trainer.run(stop)
     finally:  # also on exit 3 and on failures (the lock would die with the process anyway)
         trainer.release()
     if "stopped_at" in summary:  # preempted: a checkpoint was written, --resume continues

@@ -35,6 +35,10 @@ LAUNCHER="${LAUNCHER:-srun}"
 SRUN_MPI="${SRUN_MPI:-pmix}"
 # mpirun binds ranks to cores by default, which would pin each rank's torch threads to one core.
 MPIRUN_ARGS="${MPIRUN_ARGS:---bind-to none}"
+# When mpirun itself gets SIGTERM (scancel without --signal), it sends SIGTERM to the ranks and
+# SIGKILL this many seconds later (Open MPI's default: 1 s, which cuts a checkpoint short). The
+# ranks need the time to write theirs; Slurm's KillWait still bounds a plain scancel.
+export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-600}"
 
 # _launcher: the launcher's command line for one MPI rank per task of the job, in LAUNCH_CMD.
 _launcher() {
@@ -59,10 +63,16 @@ launch() {
 # rank; the trainer then writes a checkpoint at the end of its current step and exits with 3),
 # and once CMD has ended the job is requeued: Slurm starts this script again with the same
 # arguments, appending to the same log, and the trainer resumes from that checkpoint.
+# On TERM or INT (`scancel --signal=TERM --batch JOB`, `kill` of this script) the same stop is
+# asked for, as USR1 to CMD (both launchers forward USR1 untouched, while mpirun answers TERM by
+# killing the ranks and srun by cancelling the step), but the job is not requeued: it ends with
+# exit code 3 and `sbatch` of the same command resumes it later.
 run_requeueable() {
     _launcher || return 2
     _REQUEUE=0
     trap _on_usr1 USR1
+    trap '_on_stop TERM' TERM
+    trap '_on_stop INT' INT
     # The launcher itself is the background job, so USR1 reaches srun/mpirun, not a subshell.
     "${LAUNCH_CMD[@]}" "$@" &
     _CHILD=$!
@@ -73,8 +83,14 @@ run_requeueable() {
         # `wait` also returns when a trapped signal arrives; keep waiting while CMD runs.
         kill -0 "$_CHILD" 2>/dev/null || break
     done
+    echo "[slurm] $(date '+%F %T') $LAUNCHER exited with code $rc" >&2
     [ "$_REQUEUE" -eq 1 ] && _requeue_job
     return "$rc"
+}
+
+_on_stop() {
+    echo "[slurm] $(date '+%F %T') $1: asking the ranks to checkpoint and stop (no requeue)" >&2
+    kill -USR1 "$_CHILD" 2>/dev/null || true
 }
 
 _on_usr1() {

@@ -35,7 +35,7 @@ from app.training.metrics import MetricsWindow
 from app.training.plan import make_run_plan
 from app.training.run_dir import RunLock, check_run_dir, prepare_run_dir, repair_logs
 from app.training.schedule import LRSchedule
-from app.training.stop import StopRequest
+from app.training.stop import StopRequest, mpirun_sigterm_warning
 from common.files import write_text_atomic
 from data_prep.reader import ShardedReader
 from mpi.agree import agree, decide_on_root
@@ -146,13 +146,16 @@ class Trainer:
         return manifest, state
 
     # -- the loop (collective) ------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, stop: StopRequest | None = None) -> dict:
+        """Trains to `train.steps`, or until `stop` (installed by the caller before set-up; by
+        this call when None) is agreed after a step."""
         world, cfg = self.world, self.cfg
+        own_stop = stop is None
+        stop = StopRequest() if own_stop else stop
         metrics, evals, window = self._start()
         grad_bytes = data_parallel.gradient_bytes(world, self.backbone)
         bar = progress_bar(world, cfg.train.steps, self.start_step, f"train {cfg.softmax.mode}")
         started, loss_value, last_eval, stopped_at = time.perf_counter(), float("nan"), None, None
-        stop = StopRequest(world)
         for step in range(self.start_step, cfg.train.steps):
             if step == cfg.train.crash_at_step:
                 raise RuntimeError(f"train.crash_at_step={step}: injected failure")
@@ -177,7 +180,8 @@ class Trainer:
             if stopped:
                 stopped_at = step + 1
                 break
-        stop.restore()
+        if own_stop:
+            stop.restore()
         bar.close()
         return self._finish(stopped_at, stop.name, loss_value, last_eval, evals,
                             time.perf_counter() - started)
@@ -192,6 +196,9 @@ class Trainer:
                             self.start_step)
         world.barrier()
         self.log.info(self.plan.describe())
+        warning = mpirun_sigterm_warning()
+        if warning and world.is_root:
+            self.log.warning(warning)
         window = MetricsWindow()
         window.knn_build_s += self._initial_rows_and_graph()
         world.traffic.reset()
@@ -256,7 +263,7 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
         if (train.eval_every and done % train.eval_every == 0) or last:
             last_eval = self._evaluate(done, evals)
-        preempted = stop.agreed()
+        preempted = stop.agreed(self.world)
         if (train.checkpoint_every and done % train.checkpoint_every == 0) or last or preempted:
             self._save(done)
         if preempted:
