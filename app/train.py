@@ -2,20 +2,24 @@
 
 Trains the hybrid-parallel classifier (docs/design.md) in the run directory `out_dir`. Exit codes:
 0 done, 2 bad config, dataset or checkpoint, or an out_dir that cannot be used or is used by
-another run (one line on stderr, nothing written), 3 stopped by SIGUSR1 or SIGTERM after writing
-a checkpoint (--resume continues), 1 a failure during training (traceback tagged with the rank;
-all ranks are stopped).
+another run (one line on stderr, nothing written), also a damaged shard row (e.g. a NaN input)
+that a rank reads during training (one line naming the shard and row, all ranks stopped),
+3 stopped by SIGUSR1 or SIGTERM after writing a checkpoint (--resume continues), 1 a failure
+during training (traceback tagged with the rank; all ranks are stopped), or a non-finite loss
+under train.on_nonfinite (one line naming the step).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mpi.agree import SetupError, agree, exit_on_setup_error
+from mpi.agree import SetupError, abort_on_input_error, agree, exit_on_setup_error
 from mpi.world import init_world
 
 # Stopped early by SIGUSR1/SIGTERM after writing a checkpoint (slurm/train.sbatch requeues).
 EXIT_STOPPED = 3
+# A failure during training, here a non-finite loss under train.on_nonfinite.
+EXIT_FAILED = 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +39,8 @@ def main(argv=None) -> int:
     world = init_world()
     from app.config import load_config  # noqa: PLC0415 - after MPI start, keeps --help fast
     from app.runlog import init_logging  # noqa: PLC0415
-    from app.training.trainer import Trainer  # noqa: PLC0415
+    from app.training.trainer import NonFiniteLoss, Trainer  # noqa: PLC0415
+    from data_prep.format import DatasetError  # noqa: PLC0415
 
     log = init_logging(world)
     try:
@@ -50,7 +55,15 @@ def main(argv=None) -> int:
             trainer.restore()
         except SetupError as exc:
             return _refuse(world, exc)
-        summary = trainer.run()
+        try:
+            summary = trainer.run()
+        except DatasetError as exc:  # found by this rank alone: the others may wait in a
+            abort_on_input_error(world, exc)  # collective, so MPI Abort ends them (exit 2)
+        except NonFiniteLoss as exc:  # raised by every rank at the same step: orderly end
+            if world.is_root:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            world.shutdown()
+            return EXIT_FAILED
     finally:  # also on exit 3 and on failures (the lock would die with the process anyway)
         trainer.release()
     if "stopped_at" in summary:  # preempted: a checkpoint was written, --resume continues
