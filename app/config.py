@@ -135,6 +135,15 @@ class TrainConfig:
     keep_checkpoints: the newest checkpoints kept on disk; older ones are deleted.
     crash_at_step: fault-injection hook for tests: raise at this step; -1 = off.
     dtype: parameter and compute dtype (float64 for exact comparisons in tests).
+    on_nonfinite: what a step whose loss is NaN or infinite does. The loss is the global-batch
+        mean, identical on every rank, so every rank decides at the same step, after the
+        forward pass and before any weight changes. `stop`: every rank ends with one error line
+        naming the step (exit 1), no checkpoint of that state. `skip`: the step changes
+        nothing (no backbone or classifier update, momentum and batch-norm statistics as they
+        were; its batch is consumed and the step counts), a record {"step", "epoch", "lr",
+        "nonfinite_skipped": true, "consecutive_skipped"} goes to metrics.jsonl and a warning
+        to the rank-0 log; the 10th skipped step in a row (MAX_CONSECUTIVE_SKIPS in
+        app/training/trainer.py) stops the run as `stop` does.
     """
 
     steps: int = 1000
@@ -147,6 +156,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     crash_at_step: int = -1
     dtype: str = "float32"
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "eval_batch_size", "keep_checkpoints"):
@@ -155,6 +165,7 @@ class TrainConfig:
             _check_at_least(f"train.{key}", getattr(self, key), 0)
         _check_at_least("train.crash_at_step", self.crash_at_step, -1)
         _check_choice("train.dtype", self.dtype, ("float32", "float64"))
+        _check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
 
 
 @dataclass(frozen=True)

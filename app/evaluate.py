@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m app.evaluate", description=(
         "Evaluate a run's newest (or a given) checkpoint on the val split: top-1 and top-5 over "
         "all classes. Works under mpirun/srun with any number of ranks. Exit codes: 0 done, "
-        "2 bad run directory, config or checkpoint (one error line)."))
+        "2 bad run directory, config, checkpoint or val split, e.g. a non-finite input value "
+        "(one error line naming the file)."))
     p.add_argument("--run", required=True, help="run directory (holds config.yaml, checkpoints/)")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the newest complete one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -60,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from app import checkpoint  # noqa: PLC0415 - after argument parsing, keeps --help fast
-    from mpi.agree import SetupError, agree, decide_on_root, exit_on_setup_error  # noqa: PLC0415
+    from data_prep.format import DatasetError  # noqa: PLC0415
+    from mpi.agree import (SetupError, abort_on_input_error, agree,  # noqa: PLC0415
+                           decide_on_root, exit_on_setup_error)
     from mpi.world import init_world  # noqa: PLC0415
 
     world = init_world()
@@ -75,7 +78,10 @@ def main(argv=None) -> int:
         world.shutdown()
         return code
     backbone, classifier, reader, step, dtype = state
-    result = evaluate(world, backbone, classifier, reader, args.max_samples, dtype)
+    try:
+        result = evaluate(world, backbone, classifier, reader, args.max_samples, dtype)
+    except DatasetError as exc:  # a damaged val row read by this rank alone (a small val split
+        abort_on_input_error(world, exc)  # is checked at start, a set-up error above): exit 2
     reader.close()
     if world.is_root:
         record = {"step": step, **result, "source": "app.evaluate"}

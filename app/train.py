@@ -2,9 +2,12 @@
 
 Trains the hybrid-parallel classifier (docs/design.md) in the run directory `out_dir`. Exit codes:
 0 done, 2 bad config, dataset or checkpoint, or an out_dir that cannot be used or is used by
-another run (one line on stderr, nothing written), 3 stopped by SIGUSR1, SIGTERM or SIGINT after
-writing a checkpoint (--resume continues), 1 a failure during training (traceback tagged with the
-rank; all ranks are stopped). What mpirun and sbatch report around these: README "Exit codes".
+another run (one line on stderr, nothing written), also a damaged shard row (e.g. a NaN input)
+that a rank reads during training (one line naming the shard and row, all ranks stopped),
+3 stopped by SIGUSR1, SIGTERM or SIGINT after writing a checkpoint (--resume continues), 1 a
+failure during training (traceback tagged with the rank; all ranks are stopped), or a non-finite
+loss under train.on_nonfinite (one line naming the step). What mpirun and sbatch report around
+these: README "Exit codes".
 """
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ from app.training.stop import StopRequest
 # and honoured after the first step instead of killing the process.
 STOP = StopRequest() if __name__ == "__main__" else None
 
-from mpi.agree import SetupError, agree, exit_on_setup_error  # noqa: E402
+from mpi.agree import SetupError, abort_on_input_error, agree, exit_on_setup_error  # noqa: E402
 from mpi.world import init_world  # noqa: E402
 
 # Stopped early by SIGUSR1/SIGTERM after writing a checkpoint (slurm/train.sbatch requeues).
 EXIT_STOPPED = 3
+# A failure during training, here a non-finite loss under train.on_nonfinite.
+EXIT_FAILED = 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +47,8 @@ def main(argv=None, stop: StopRequest | None = None) -> int:
     world = init_world()
     from app.config import load_config  # noqa: PLC0415 - after MPI start, keeps --help fast
     from app.runlog import init_logging  # noqa: PLC0415
-    from app.training.trainer import Trainer  # noqa: PLC0415
+    from app.training.trainer import NonFiniteLoss, Trainer  # noqa: PLC0415
+    from data_prep.format import DatasetError  # noqa: PLC0415
 
     log = init_logging(world)
     try:
@@ -57,7 +63,15 @@ def main(argv=None, stop: StopRequest | None = None) -> int:
             trainer.restore()
         except SetupError as exc:
             return _refuse(world, exc)
-        summary = trainer.run(stop)
+        try:
+            summary = trainer.run(stop)
+        except DatasetError as exc:  # found by this rank alone: the others may wait in a
+            abort_on_input_error(world, exc)  # collective, so MPI Abort ends them (exit 2)
+        except NonFiniteLoss as exc:  # raised by every rank at the same step: orderly end
+            if world.is_root:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            world.shutdown()
+            return EXIT_FAILED
     finally:  # also on exit 3 and on failures (the lock would die with the process anyway)
         trainer.release()
     if "stopped_at" in summary:  # preempted: a checkpoint was written, --resume continues

@@ -270,6 +270,47 @@ def check_labels(labels_n: np.ndarray, num_classes: int, path: str | os.PathLike
                            f"[0, {num_classes})", _REGENERATE)
 
 
+def nonfinite_rows(inputs_nX: np.ndarray) -> np.ndarray:
+    """int64 indices of the rows of `inputs_nX` that hold a NaN or an infinity; empty when every
+    value is finite or the inputs are integers (uint8 images cannot hold either). One vectorised
+    pass (np.isfinite) when all is well; the per-row search only runs on a bad array."""
+    inputs_nX = np.asarray(inputs_nX)
+    if inputs_nX.dtype.kind != "f" or np.isfinite(inputs_nX).all():
+        return np.empty(0, dtype=np.int64)
+    finite_n = np.isfinite(inputs_nX.reshape(len(inputs_nX), -1)).all(axis=1)
+    return np.flatnonzero(~finite_n).astype(np.int64)
+
+
+def nonfinite_problem(inputs_nX: np.ndarray, bad_n: np.ndarray, row: int, where: str) -> str:
+    """The problem part of the message for the first bad row `bad_n[0]` of `inputs_nX`, which
+    is `row` of its file: "input row R <where> holds a non-finite value (nan)", plus how many
+    of the rows checked with it are bad when there are several."""
+    values = np.asarray(inputs_nX[bad_n[0]]).ravel()
+    value = values[~np.isfinite(values)][0]
+    also = f" ({len(bad_n)} of the {len(inputs_nX)} rows checked with it are non-finite)" \
+        if len(bad_n) > 1 else ""
+    return f"input row {row} {where} holds a non-finite value ({value}){also}"
+
+
+def nonfinite_fix(dataset_dir: str | os.PathLike) -> str:
+    return (f"rebuild the shard or drop the row (python -m data_prep.inspect {dataset_dir} "
+            f"counts every bad row)")
+
+
+def check_finite(inputs_nX: np.ndarray, path: str | os.PathLike, split: str, first_sample: int,
+                 rows_n: np.ndarray | None = None) -> None:
+    """DatasetError naming the first input row of `inputs_nX` with a NaN or an infinity: its row
+    in the shard file `path` (`rows_n[i]`, or i when the inputs are the file's rows 0..n-1) and
+    its global sample index in `split` (`first_sample` = the split index of the shard's row 0).
+    Integer inputs pass unchecked."""
+    bad_n = nonfinite_rows(inputs_nX)
+    if bad_n.size:
+        row = int(bad_n[0]) if rows_n is None else int(rows_n[bad_n[0]])
+        where = f"(row in this shard; sample {first_sample + row} of the {split} split)"
+        raise DatasetError(path, nonfinite_problem(inputs_nX, bad_n, row, where),
+                           nonfinite_fix(Path(path).parent.parent))
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
     digest = hashlib.sha256()

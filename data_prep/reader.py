@@ -8,7 +8,8 @@ Shapes in names: b = per-rank batch, X = the per-sample input shape.
   each batch (one permutation per epoch, rank slices of the global batch, so a position means
   the same samples at any world size with the same global batch) and the resumable position.
 - `data_prep.shard_store.ShardStore`: the split's shards, checked at start, read by global
-  index (cached in memory when small), labels checked, errors naming the shard.
+  index (cached in memory when small), labels and float inputs (finite) checked, errors naming
+  the shard.
 - `data_prep.prefetch.Prefetcher`: the thread that reads the next batches ahead.
 """
 
@@ -41,8 +42,10 @@ class ShardedReader:
 
     At start the reader checks every shard of the split against dataset.json (exists, opens,
     input shape and dtype, sample counts) but does not hash files (data_prep.inspect does).
-    Labels are checked when read: all at start for a cached split, per batch otherwise; a label
-    outside [0, num_classes) raises DatasetError naming the shard. A split of at most
+    Labels and float inputs are checked when read: all at start for a cached split, per batch
+    otherwise; a label outside [0, num_classes) or a NaN/infinite input value raises
+    DatasetError naming the shard (and, for a value, the row in it and the sample's index in
+    the split). A split of at most
     `cache_bytes` is read into memory at start and its files closed; otherwise every shard stays
     open until close() and each batch reads its rows shard by shard (data_prep.shard_store).
 

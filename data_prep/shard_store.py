@@ -8,8 +8,11 @@ and dtype, sample counts) but not hashed (data_prep.inspect does). A split of at
 `cache_bytes` is read into memory once, its labels checked, and its files closed: h5py fancy
 indexing costs about a hyperslab per sample, memory indexing does not. Otherwise every shard
 stays open until close() (memory-mapped when contiguous, see `_shard_arrays`) and each read
-takes its rows shard by shard, checking the labels it read. Every problem is a DatasetError
-naming the shard.
+takes its rows shard by shard, checking the labels it read. Float inputs are checked the same
+way, once at start for a cached split and as they are read otherwise: a NaN or an infinity is a
+DatasetError naming the shard, the row in it and the sample's index in the split (one
+np.isfinite pass over the rows read; uint8 images are not checked). Every problem is a
+DatasetError naming the shard.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.format import (INPUTS_KEY, LABELS_KEY, DatasetError, DatasetInfo, check_labels,
-                              open_shard)
+from data_prep.format import (INPUTS_KEY, LABELS_KEY, DatasetError, DatasetInfo, check_finite,
+                              check_labels, open_shard)
 
 
 def _shard_arrays(h5, path: Path) -> tuple[Any, Any]:
@@ -51,7 +54,7 @@ class ShardStore:
 
     def __init__(self, dataset_dir: str | Path, info: DatasetInfo, split: str,
                  cache_bytes: int) -> None:
-        self.info = info
+        self.info, self.split = info, split
         shards = info.splits[split].shards
         self.num_samples = info.splits[split].num_samples
         self._offsets = info.splits[split].offsets()
@@ -93,16 +96,19 @@ class ShardStore:
             sel = slice(int(rows[0]), int(rows[-1]) + 1) if rows[-1] - rows[0] + 1 == len(rows) \
                 else rows
             try:
-                inputs_mX[order_m[seg]] = self._arrays[s][0][sel]
+                inputs_nX = self._arrays[s][0][sel]
                 labels_m[order_m[seg]] = self._arrays[s][1][sel]
             except OSError as err:
                 raise self._read_error(s, err) from err
             check_labels(labels_m[order_m[seg]], self.info.num_classes, self._paths[s],
                          rows_n=rows)
+            check_finite(inputs_nX, self._paths[s], self.split, int(self._offsets[s]), rows_n=rows)
+            inputs_mX[order_m[seg]] = inputs_nX
         return inputs_mX, labels_m
 
     def _load_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """The whole split in memory, labels checked: (inputs (N, *X), labels (N,))."""
+        """The whole split in memory, labels and float inputs checked: (inputs (N, *X),
+        labels (N,))."""
         inputs_NX = np.empty((self.num_samples, *self.info.input_shape), self.info.input_dtype)
         labels_N = np.empty(self.num_samples, np.int64)
         for s, h5 in enumerate(self._files):
@@ -113,6 +119,7 @@ class ShardStore:
             except OSError as err:
                 raise self._read_error(s, err) from err
             check_labels(labels_N[lo:hi], self.info.num_classes, self._paths[s])
+            check_finite(inputs_NX[lo:hi], self._paths[s], self.split, int(lo))
         return inputs_NX, labels_N
 
     def _read_error(self, shard: int, err: OSError) -> DatasetError:

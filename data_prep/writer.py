@@ -13,8 +13,9 @@ import numpy as np
 
 from data_prep.format import (DATASET_JSON, DEFAULT_SHARD_BYTES, INPUT_DTYPES, INPUTS_KEY,
                               LABELS_KEY, SPLITS, DatasetError, DatasetInfo, ShardInfo, SplitInfo,
-                              clear_dataset, existing_shards, input_shape_error, sha256_file,
-                              shard_path, write_classes, write_dataset_info)
+                              clear_dataset, existing_shards, input_shape_error, nonfinite_problem,
+                              nonfinite_rows, sha256_file, shard_path, write_classes,
+                              write_dataset_info)
 
 
 class ShardBuffer:
@@ -27,6 +28,11 @@ class ShardBuffer:
         self.shards: list[ShardInfo] = []
         self._parts: list[tuple[np.ndarray, np.ndarray]] = []
         self._num_buffered = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples added so far (written or buffered)."""
+        return sum(s.num_samples for s in self.shards) + self._num_buffered
 
     def add(self, inputs_nX: np.ndarray, labels_n: np.ndarray) -> None:
         """Buffers the samples (not copied: the caller must not modify them) and writes every
@@ -127,8 +133,10 @@ class DatasetWriter:
 
     def write(self, split: str, inputs_nX: np.ndarray, labels_n: np.ndarray) -> None:
         """Appends samples to `split`. inputs must have the dataset's dtype and per-sample shape
-        (no silent casts); labels must be integers in [0, num_classes). The arrays are kept
-        until their shard is written: do not modify them afterwards."""
+        (no silent casts) and, when float, be finite (a NaN or an infinity is a DatasetError
+        naming the shard it would go to and the row of this write; nothing of the write is
+        kept); labels must be integers in [0, num_classes). The arrays are kept until their
+        shard is written: do not modify them afterwards."""
         if self._finished:
             raise ValueError("the writer is finished; create a new DatasetWriter")
         if split not in SPLITS:
@@ -144,10 +152,23 @@ class DatasetWriter:
         if labels_n.size and (labels_n.min() < 0 or labels_n.max() >= self.num_classes):
             raise ValueError(f"labels must be in [0, {self.num_classes}), got "
                              f"[{labels_n.min()}, {labels_n.max()}]")
+        self._check_finite(split, inputs_nX)
         labels_n = labels_n.astype(np.int64, copy=False)
         if split == "train":
             self._train_counts_C += np.bincount(labels_n, minlength=self.num_classes)
         self._buffers[split].add(inputs_nX, labels_n)
+
+    def _check_finite(self, split: str, inputs_nX: np.ndarray) -> None:
+        """DatasetError naming the shard the first NaN/infinite input row would go to and the
+        row in this write; nothing of the write is kept."""
+        bad_n = nonfinite_rows(inputs_nX)
+        if bad_n.size:
+            sample = self._buffers[split].num_samples + int(bad_n[0])
+            where = f"of this write (it would be sample {sample} of the {split} split)"
+            raise DatasetError(self.out_dir / shard_path(split, sample // self.shard_size),
+                               nonfinite_problem(inputs_nX, bad_n, int(bad_n[0]), where),
+                               "fix the source data or leave the row out; no shard holds "
+                               "non-finite inputs")
 
     def finish(self) -> DatasetInfo:
         """Writes the last shards, classes.tsv and dataset.json (last, atomically)."""

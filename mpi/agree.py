@@ -8,6 +8,9 @@ exits while the others wait forever in a collective).
   whether a graph file is usable) and every rank follows it.
 - `exit_on_setup_error(world, error)`: what an entry point does with a SetupError: one
   `error:` line on rank 0's stderr and exit code 2 on every rank.
+- `abort_on_input_error(world, error)`: bad input that one rank finds on its own after set-up
+  (a damaged shard row it reads mid-run): the one line from that rank, then the whole job ends
+  with exit code 2 (MPI Abort: the other ranks may already wait in a collective).
 """
 from __future__ import annotations
 
@@ -61,3 +64,13 @@ def exit_on_setup_error(world, error: Exception) -> int:
     if world.is_root:
         print(f"error: {error}", file=sys.stderr, flush=True)
     return EXIT_SETUP_ERROR
+
+
+def abort_on_input_error(world, error: Exception) -> None:
+    """Bad input found by this rank alone while the job runs (e.g. a non-finite value in the
+    shard rows it just read), when the other ranks may already wait in a collective and no
+    agreement is possible: one `error:` line on this rank's stderr, then MPI Abort ends every
+    rank with the set-up exit code (2), which mpirun and srun return. Never returns."""
+    # The leading newline ends a progress line rank 0 may have left open on the same output.
+    print(f"\nerror: {error}", file=sys.stderr, flush=True)
+    world.abort(EXIT_SETUP_ERROR)

@@ -184,6 +184,11 @@ class ShardedClassifier:
         local = torch.arange(self.num_local) if rows is None else rows
         return local + self.start, weight_leaf.grad
 
+    def discard(self) -> None:
+        """Forget the last loss() without applying anything (a skipped step): weights and
+        momentum stay as they are."""
+        self._pending = None
+
     def step(self, lr: float) -> int:
         """Apply this step's row gradients (after backward). Returns the number of rows touched."""
         assert self._pending is not None, "step() without loss()"

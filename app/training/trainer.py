@@ -40,6 +40,16 @@ from common.files import write_text_atomic
 from data_prep.reader import ShardedReader
 from mpi.agree import agree, decide_on_root
 
+# train.on_nonfinite=skip: the run stops (as with `stop`) at this many skipped steps in a row.
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step's loss was NaN or infinite and train.on_nonfinite stops the run (`stop`, or
+    MAX_CONSECUTIVE_SKIPS skipped steps in a row). Raised on every rank at the same step (the
+    loss is the global-batch mean, identical on every rank), after the forward pass and before
+    any weight changed; the message is one line naming the step."""
+
 
 class Trainer:
     """One training run in `cfg.out_dir`; see the module docstring."""
@@ -156,6 +166,7 @@ class Trainer:
         grad_bytes = data_parallel.gradient_bytes(world, self.backbone)
         bar = progress_bar(world, cfg.train.steps, self.start_step, f"train {cfg.softmax.mode}")
         started, loss_value, last_eval, stopped_at = time.perf_counter(), float("nan"), None, None
+        skipped = 0  # non-finite steps in a row (train.on_nonfinite=skip)
         for step in range(self.start_step, cfg.train.steps):
             if step == cfg.train.crash_at_step:
                 raise RuntimeError(f"train.crash_at_step={step}: injected failure")
@@ -165,15 +176,15 @@ class Trainer:
                                                         self.classifier.weight_cD, "refresh")
             t0 = time.perf_counter()
             lr = self.schedule(step)
-            loss, rows, hvd_wait = self._step(step, lr)
+            value, rows, hvd_wait = self._step(step, lr)
             # The loss is the global-batch mean, identical on every rank by construction, so
-            # every rank stops at the same step without another collective. (CPU: .item() costs
-            # no device synchronisation.)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite loss {loss_value} at step {step}; lower "
-                                         f"optim.lr or check the data")
-            window.add(time.perf_counter() - t0, loss_value, rows, hvd_wait)
+            # every rank stops or skips at the same step without another collective.
+            if math.isfinite(value):
+                skipped, loss_value = 0, value
+                window.add(time.perf_counter() - t0, value, rows, hvd_wait)
+            else:
+                skipped += 1
+                self._nonfinite(step + 1, value, lr, skipped, metrics, bar)
             bar.update(1)
             last_eval, stopped = self._after_step(step + 1, lr, window, metrics, evals, bar,
                                                   grad_bytes, stop, last_eval)
@@ -229,8 +240,40 @@ class Trainer:
             rows, why = centres, "initial"
         return self.graphs.build(self.start_step, self.classifier, rows, why)
 
-    def _step(self, step: int, lr: float) -> tuple[torch.Tensor, int, float]:
-        """One optimizer step: (global mean loss, classifier rows updated, Horovod wait s)."""
+    def _nonfinite(self, done: int, value: float, lr: float, skipped: int, metrics: JsonLines,
+                   bar) -> None:
+        """Step `done` (counted from 1, as in metrics.jsonl) had the non-finite loss `value` and
+        changed nothing (`_step`). NonFiniteLoss on every rank under train.on_nonfinite=stop or
+        at the MAX_CONSECUTIVE_SKIPS-th skip in a row; otherwise the skip is logged."""
+        inspect = f"python -m data_prep.inspect {self.cfg.data.path}"
+        if self.cfg.train.on_nonfinite == "stop" or skipped >= MAX_CONSECUTIVE_SKIPS:
+            self.reader.close()  # stops the read-ahead threads
+            self.val_reader.close()
+            bar.close()  # ends the progress line, so the error line stands on its own
+            if self.cfg.train.on_nonfinite == "stop":
+                raise NonFiniteLoss(
+                    f"non-finite loss ({value}) at step {done}, no weights changed and no "
+                    f"checkpoint written (train.on_nonfinite=stop); lower optim.lr, check the "
+                    f"data with {inspect}, or set train.on_nonfinite=skip")
+            raise NonFiniteLoss(
+                f"non-finite loss ({value}) at step {done}, the {skipped}th step in a row "
+                f"(train.on_nonfinite=skip stops at {MAX_CONSECUTIVE_SKIPS}); the run has "
+                f"diverged or the data is bad: lower optim.lr or check the data with {inspect}")
+        metrics.write({"step": done, "epoch": self.reader.epoch, "lr": lr,
+                       "nonfinite_skipped": True, "nonfinite_loss": str(value),
+                       "consecutive_skipped": skipped})
+        if self.world.is_root:
+            self.log.warning("non-finite loss (%s) at step %d: skipped, no weights changed "
+                             "(train.on_nonfinite=skip; %d in a row, the run stops at %d)",
+                             value, done, skipped, MAX_CONSECUTIVE_SKIPS)
+
+    def _step(self, step: int, lr: float) -> tuple[float, int, float]:
+        """One optimizer step: (global mean loss, classifier rows updated, Horovod wait s).
+
+        A non-finite loss (the same on every rank) returns before backward: no weight,
+        momentum or classifier row changed, and the batch-norm running statistics the forward
+        pass moved are put back, so the step changed nothing (train.on_nonfinite decides what
+        follows). (CPU: .item() costs no device synchronisation.)"""
         batch = next(self.reader)
         x_b = as_input(batch.inputs, self.dtype)
         if x_b.dtype == torch.uint8 and self.cfg.data.augment:
@@ -242,12 +285,21 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none
+        # The forward pass moves the batch-norm running statistics: kept to put them back.
+        buffers = [b.clone() for b in self.backbone.buffers()]
         feat_bD = self.backbone(x_b)
         loss, loss_value = self.classifier.loss(feat_bD, labels_b, step)
+        value = loss_value.item()
+        if not math.isfinite(value):
+            self.classifier.discard()
+            with torch.no_grad():
+                for buffer, saved in zip(self.backbone.buffers(), buffers):
+                    buffer.copy_(saved)
+            return value, 0, 0.0
         loss.backward()
         hvd_wait = data_parallel.step(self.world, self.optimizer)
         rows = self.classifier.step(lr * self.classifier_lr_ratio)
-        return loss_value, rows, hvd_wait
+        return value, rows, hvd_wait
 
     def _after_step(self, done: int, lr: float, window: MetricsWindow, metrics: JsonLines,
                     evals: JsonLines, bar, grad_bytes: int, stop: StopRequest,
@@ -256,7 +308,7 @@ class Trainer:
         step `done`. Returns (the latest evaluation, whether to stop now)."""
         train = self.cfg.train
         last = done == train.steps
-        if done % train.log_every == 0 or last:
+        if (done % train.log_every == 0 or last) and window.steps:  # not if all were skipped
             record = window.flush(self.world, step=done, epoch=self.reader.epoch, lr=lr,
                                   global_batch=self.plan.global_batch, grad_bytes=grad_bytes)
             metrics.write(record)

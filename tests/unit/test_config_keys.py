@@ -55,6 +55,10 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
     "train.keep_checkpoints": (["train.checkpoint_every=1"], "train.keep_checkpoints=1"),
     "train.crash_at_step": ([], "train.crash_at_step=2"),
     "train.dtype": ([], "train.dtype=float64"),
+    # lr 1e30 makes the loss NaN from step 2 on: `skip` completes the run (3 skipped steps, each
+    # a metrics.jsonl record), `stop` ends it at step 2 with an error naming the key.
+    "train.on_nonfinite": (["optim.lr=1e30", "train.on_nonfinite=skip"],
+                           "train.on_nonfinite=stop"),
     "softmax.mode": ([], "softmax.mode=sampled"),
     "softmax.k": (KNN, "softmax.k=4"),
     "softmax.random_negatives": (KNN, "softmax.random_negatives=4"),

@@ -256,3 +256,37 @@ def test_dataset_error_is_one_line_value_error():
     err = DatasetError("/d/x.h5", "bad\nthing", "fix it")
     assert isinstance(err, ValueError)
     assert str(err) == "/d/x.h5: bad thing; fix it"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_writer_refuses_non_finite_inputs_naming_the_shard_and_row(tmp_path, bad):
+    out = tmp_path / "ds"
+    with pytest.raises(DatasetError) as info:
+        with DatasetWriter(out, "vectors", (DIM,), NUM_CLASSES,
+                           [f"k{i}" for i in range(NUM_CLASSES)], shard_size=10) as writer:
+            writer.write("train", known_inputs(0, 16), np.arange(16) % NUM_CLASSES)
+            inputs = known_inputs(16, 32)
+            inputs[7, 2] = bad   # sample 23 of the split: it would go to shard 2
+            writer.write("train", inputs, np.arange(16, 32) % NUM_CLASSES)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{out / 'train/shard-00002.h5'}: input row 7 of this write ")
+    assert "sample 23 of the train split" in message and f"({bad})" in message
+    # Nothing of the refused write reached a shard, and the dataset was never finished.
+    assert not (out / "dataset.json").exists()
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-00000.h5"]
+    with h5py.File(out / "train/shard-00000.h5") as h5:
+        assert np.isfinite(h5["inputs"][:]).all()
+
+
+def test_synthetic_data_is_finite_and_images_are_not_checked(tmp_path):
+    images = np.full((3, 4, 4, 3), 255, dtype=np.uint8)
+    with DatasetWriter(tmp_path / "img", "images", (4, 4, 3), 2, ["a", "b"]) as writer:
+        writer.write("train", images, np.array([0, 1, 0]))
+    from data_prep.format import nonfinite_rows
+
+    assert nonfinite_rows(images).size == 0
+    x = known_inputs(0, 5)
+    x[[1, 4], 0] = [np.nan, -np.inf]
+    assert nonfinite_rows(x).tolist() == [1, 4]
+    assert nonfinite_rows(np.float32([[3e38, -3e38]])).size == 0   # huge but finite

@@ -15,7 +15,7 @@ from data_prep.batch_schedule import epoch_permutation
 from data_prep.format import DatasetError
 from data_prep.reader import ShardedReader
 from tests.unit.test_dataset_format import (BROKEN_CASES, DIM, NUM_CLASSES, break_dataset,
-                                            rewrite_shard, write_dataset)
+                                            known_inputs, rewrite_shard, write_dataset)
 
 NUM_TRAIN = 103
 
@@ -246,3 +246,37 @@ def test_resume_with_a_new_global_batch_skips_nothing_twice(tmp_path):
     seen = set(np.concatenate(taken).tolist())
     assert not seen & set(nxt.tolist())
     assert new.state_dict()["batch"] == 4  # ceil(12 / 5) = 3 was the resume point, then one read
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("cache_bytes, prefetch", [(0, 2), (0, 0), (1 << 20, 0)])
+def test_non_finite_input_is_an_error_naming_shard_row_and_sample(tmp_path, split, cache_bytes,
+                                                                  prefetch):
+    """A NaN in a shard: the cached split refuses it at start, a memory-mapped one when the
+    batch holding it is read (with or without read-ahead), naming the shard, the row in it
+    and the sample's index in the split."""
+    out = write_dataset(tmp_path / "ds", shard_size=10)
+    inputs = known_inputs(10, 20)
+    inputs[4, 2] = np.nan   # row 4 of shard 1: sample 14 of the split
+    rewrite_shard(out, f"{split}/shard-00001.h5", inputs=inputs)
+    shard = out / f"{split}/shard-00001.h5"
+    expected = (f"{shard}: input row 4 (row in this shard; sample 14 of the {split} split) holds "
+                f"a non-finite value (nan); rebuild the shard or drop the row "
+                f"(python -m data_prep.inspect {out} counts every bad row)")
+    with pytest.raises(DatasetError) as info:
+        with ShardedReader(out, split, 0, 1, 4, seed=0, shuffle=False, drop_last=False,
+                           prefetch=prefetch, cache_bytes=cache_bytes) as reader:
+            assert cache_bytes == 0, "a cached split is checked at start"
+            batches = take(reader, 3)  # samples 0..11: clean
+            assert [int(b.indices[-1]) for b in batches] == [3, 7, 11]
+            next(reader)   # samples 12..15
+    assert str(info.value) == expected
+
+
+def test_huge_finite_inputs_pass_the_reader(tmp_path):
+    out = write_dataset(tmp_path / "ds", shard_size=10)
+    rewrite_shard(out, "train/shard-00000.h5", inputs=np.full((10, DIM), 3e38, np.float32))
+    for cache_bytes in (0, 1 << 20):
+        with ShardedReader(out, "train", 0, 1, 10, seed=0, shuffle=False,
+                           cache_bytes=cache_bytes) as reader:
+            assert (next(reader).inputs == np.float32(3e38)).all()
