@@ -35,10 +35,11 @@ LAUNCHER="${LAUNCHER:-srun}"
 SRUN_MPI="${SRUN_MPI:-pmix}"
 # mpirun binds ranks to cores by default, which would pin each rank's torch threads to one core.
 MPIRUN_ARGS="${MPIRUN_ARGS:---bind-to none}"
-# When mpirun itself gets SIGTERM (scancel without --signal), it sends SIGTERM to the ranks and
-# SIGKILL this many seconds later (Open MPI's default: 1 s, which cuts a checkpoint short). The
-# ranks need the time to write theirs; Slurm's KillWait still bounds a plain scancel.
-export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-600}"
+# Open MPI's odls_base_sigkill_timeout stays at its default of 1 s, set explicitly (which also
+# tells the trainer not to warn about it): mpirun sleeps twice that long whenever it ends a job
+# early, also after ranks that exit 3 on their own, so a large value keeps a finished job alive;
+# the stop signals below reach the ranks as USR1, which needs no timeout.
+export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-1}"
 
 # _launcher: the launcher's command line for one MPI rank per task of the job, in LAUNCH_CMD.
 _launcher() {

@@ -9,8 +9,9 @@ Open MPI's mpirun, on SIGTERM or Ctrl-C, does not pass the signal on: it sends t
 waits `odls_base_sigkill_timeout` seconds (T, default 1), sends SIGTERM, waits T again, then
 SIGKILL (and exits 1 after the 2T seconds, whatever the ranks returned). Under mpirun the ranks
 therefore take a SIGCONT sent by mpirun itself (their parent) as the stop request, which gives
-the checkpoint 2T seconds instead of T; a SIGCONT that resumes a job suspended with Ctrl-Z (after
-a SIGTSTP) or sent by anyone else (Slurm's resume of a suspended job) is not a stop request.
+the checkpoint 2T seconds instead of T. A SIGCONT from anyone else (Slurm resuming a suspended
+job) is not a stop request; one from mpirun resuming a job suspended with Ctrl-Z is (mpirun turns
+SIGTSTP into SIGSTOP, so the ranks cannot tell): that run stops with a checkpoint, exit 3.
 README "Exit codes" says what a user should send."""
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class StopRequest:
     def __init__(self, environ=os.environ):
         self.name: str | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        self._suspended = self._watching = False
+        self._watching = False
         if under_mpirun(environ) and threading.active_count() == 1:
             self._watch_sigcont()
 
@@ -48,22 +49,13 @@ class StopRequest:
         by one thread with `sigwaitinfo`, which tells who sent it. Blocking it does not stop it
         from resuming a stopped process: that happens when it is sent."""
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCONT})
-        self._previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, self._suspend)
         self._watching = True
         threading.Thread(target=self._read_sigcont, name="sigcont", daemon=True).start()
-
-    def _suspend(self, signum, frame):
-        """Ctrl-Z: mpirun passes SIGTSTP on; stop as the default action would, and remember
-        that the next SIGCONT resumes rather than ends the job."""
-        self._suspended = True
-        os.kill(os.getpid(), signal.SIGSTOP)
 
     def _read_sigcont(self) -> None:
         while True:
             info = signal.sigwaitinfo({signal.SIGCONT})
-            if self._suspended:
-                self._suspended = False
-            elif self._watching and info.si_pid == os.getppid():
+            if self._watching and info.si_pid == os.getppid():
                 self.name = self.name or "SIGCONT from mpirun (it got SIGTERM or Ctrl-C)"
 
     def agreed(self, world) -> bool:
@@ -98,4 +90,5 @@ def mpirun_sigterm_warning(environ=os.environ) -> str | None:
     return (f"mpirun gives the ranks 2 s to write a checkpoint after it gets SIGTERM or Ctrl-C "
             f"({SIGKILL_TIMEOUT_PARAM}=1): stop this run with 'kill -USR1 <mpirun pid>' "
             f"(checkpoint, exit 3, no time limit), or start mpirun with '--mca "
-            f"{SIGKILL_TIMEOUT_PARAM} N' to give them 2N s")
+            f"{SIGKILL_TIMEOUT_PARAM} N' to give them 2N s (mpirun then also takes up to 2N s to "
+            f"exit after any early stop)")

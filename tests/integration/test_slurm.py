@@ -129,3 +129,41 @@ def test_usr1_requeues_the_train_job_which_resumes_from_its_checkpoint(slurm_clu
     assert f"resuming from {summary['resumed_from']}" in text, text
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("target", ["--batch", "steps"])
+def test_term_stops_the_train_job_with_a_slow_checkpoint_and_exit_3(slurm_cluster, prepared,
+                                                                    tmp_path, target):
+    """`scancel --signal=TERM --batch` (the batch script turns it into USR1 for srun) and
+    `scancel --signal=TERM` (srun's tasks get it directly) end in a checkpoint that takes longer
+    than the cluster's KillWait (2 s) and exit code 3, without a requeue."""
+    data, _, _ = prepared
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    submit = slurm_cluster(
+        "sbatch", "--parsable", f"--output={log}", "slurm/train.sbatch", *TRAIN,
+        "--set", f"data.path={data}", "--set", f"out_dir={run_dir}", "--set", "train.steps=1000",
+        "--set", "train.checkpoint_every=0", env={"HUNDREDM_FAULT_CHECKPOINT_DELAY_S": "4"})
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    metrics = run_dir / "metrics.jsonl"
+    wait_for("3 steps", lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+             180)
+    cmd = ["scancel", "--signal=TERM", *(["--batch"] if target == "--batch" else []), job]
+    assert slurm_cluster(*cmd).returncode == 0
+    final = {}
+
+    def ended():
+        record = job_record(slurm_cluster, job)
+        assert record is not None, f"job {job} was purged before its end was seen"
+        final.update(record)
+        return record["JobState"] not in ("PENDING", "RUNNING", "COMPLETING")
+
+    wait_for("the job to end", ended, 120)
+    text = log.read_text()
+    assert (final["JobState"], final["ExitCode"], final["Restarts"]) == ("FAILED", "3:0", "0"), \
+        (final, text[-3000:])
+    assert "srun exited with code 3" in text and "requeueing" not in text, text[-3000:]
+    stopped = [int(line.split("stopping at step ")[1].split()[0])
+               for line in text.splitlines() if "stopping at step" in line]
+    assert len(stopped) == 2 and stopped[0] == stopped[1] >= 3, text[-3000:]
+    assert (run_dir / f"checkpoints/step-{stopped[0]:08d}/manifest.json").exists()
