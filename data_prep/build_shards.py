@@ -25,6 +25,12 @@ Parallelism: under mpirun or srun each rank converts parts rank, rank + P, ...; 
 the input and broadcasts the listing, every rank checks that its slice of a manifest's files
 exists, rank 0 finalises. A plain `python -m data_prep.build_shards` is one rank.
 
+Catalogue versions: with --grow-from OLD, rank 0 decides the class table when it lists the
+input (data_prep/lineage.py): OLD's classes keep their ids by key, the new keys follow in sorted
+order, and a removed (unless --keep-removed-classes), changed or colliding key stops every rank
+before --out is touched. The table reaches the other ranks with the listing; the fingerprint
+records OLD's classes.tsv sha256, dataset.json the lineage.
+
 Test hook: with BUILD_SHARDS_CRASH_AFTER_SHARDS=n in the environment, a rank raises after
 converting n parts in this run (to test resuming).
 
@@ -46,11 +52,12 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from common.files import atomic_path, write_json_atomic, write_text_atomic
-from data_prep.format import (DATASET_JSON, DEFAULT_SHARD_BYTES, INPUTS_KEY, LABELS_KEY, SPLITS,
-                              DatasetError, DatasetInfo, ShardInfo, SplitInfo, clear_dataset,
-                              existing_shards, load_dataset_info, sha256_file, shard_path,
-                              write_classes, write_dataset_info)
+from data_prep.format import (CLASSES_NAME, DATASET_JSON, DEFAULT_SHARD_BYTES, INPUTS_KEY,
+                              LABELS_KEY, SPLITS, DatasetError, DatasetInfo, ShardInfo, SplitInfo,
+                              clear_dataset, existing_shards, load_dataset_info, sha256_file,
+                              shard_path, write_classes, write_dataset_info)
 from data_prep.images import IMAGE_FORMATS, UnreadableImage, load_image
+from data_prep.lineage import KEEP_REMOVED_FLAG, GrownClasses, grow_classes
 from data_prep.listing import Listing, list_input, missing_files, split_indices
 
 GENERATOR_NAME = "data_prep.build_shards"
@@ -87,12 +94,20 @@ def make_parts(splits: dict[str, np.ndarray], shard_size: int) -> list[Part]:
             for split in SPLITS for i in range(0, len(splits[split]), shard_size)]
 
 
-def build_fingerprint(listing: Listing, args: argparse.Namespace, shard_size: int) -> dict:
-    """Everything that determines the output: a rerun resumes only with an equal fingerprint."""
-    return {"name": GENERATOR_NAME, "version": GENERATOR_VERSION,
-            "image_size": args.image_size, "val_fraction": args.val_fraction, "seed": args.seed,
-            "shard_size": shard_size, "num_files": len(listing.names),
-            "num_classes": len(listing.class_keys), "listing_sha256": listing.digest()}
+def build_fingerprint(listing: Listing, args: argparse.Namespace, shard_size: int,
+                      grown: GrownClasses | None = None) -> dict:
+    """Everything that determines the output: a rerun resumes only with an equal fingerprint.
+    A grown build adds the version it grows from (identified by its classes.tsv, not its path);
+    other builds keep the fingerprint of earlier versions, so their reruns still match."""
+    fingerprint = {"name": GENERATOR_NAME, "version": GENERATOR_VERSION,
+                   "image_size": args.image_size, "val_fraction": args.val_fraction,
+                   "seed": args.seed, "shard_size": shard_size, "num_files": len(listing.names),
+                   "num_classes": len(listing.class_keys), "listing_sha256": listing.digest()}
+    if grown is not None:
+        fingerprint["grow_from"] = {"classes_sha256": grown.lineage[0].classes_sha256,
+                                    "num_classes": grown.num_old,
+                                    "keep_removed_classes": args.keep_removed_classes}
+    return fingerprint
 
 
 # -- the output directory -------------------------------------------------------------------------
@@ -192,12 +207,12 @@ def convert_parts(listing: Listing, parts: list[Part], size: int, work: Path, wo
 
 
 # -- finishing (rank 0) ---------------------------------------------------------------------------
-def finish(out: Path, listing: Listing, parts: list[Part],
-           fingerprint: dict) -> tuple[DatasetInfo, int, np.ndarray]:
+def finish(out: Path, listing: Listing, parts: list[Part], fingerprint: dict,
+           grown: GrownClasses | None = None) -> tuple[DatasetInfo, int, np.ndarray]:
     """Moves the parts to their shard names, writes skipped.tsv, classes.tsv and dataset.json
-    (last); returns the dataset's DatasetInfo, the number of skipped files and the int64 train
-    counts (C,). Safe to rerun after a crash: a part already moved is found under its shard
-    name."""
+    (last, with the sha256 of classes.tsv and, when `grown`, the lineage); returns the
+    dataset's DatasetInfo, the number of skipped files and the int64 train counts (C,). Safe
+    to rerun after a crash: a part already moved is found under its shard name."""
     shards, skipped, counts_C = _move_parts(out, listing, parts)
     _write_skipped(out, skipped)
     if not shards["train"]:
@@ -211,7 +226,8 @@ def finish(out: Path, listing: Listing, parts: list[Part],
                         for s in SPLITS},
                        {"name": GENERATOR_NAME, "version": GENERATOR_VERSION,
                         "input": listing.source, "skipped": len(skipped),
-                        FINGERPRINT_KEY: fingerprint})
+                        FINGERPRINT_KEY: fingerprint},
+                       sha256_file(out / CLASSES_NAME), grown.lineage if grown else ())
     write_dataset_info(out, info)
     shutil.rmtree(out / WORK_DIR)
     return info, len(skipped), counts_C
@@ -279,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="manifest column of image paths (default: path, image or file)")
     parser.add_argument("--class-column", metavar="NAME",
                         help="manifest column of class keys (default: class, label or key)")
+    parser.add_argument("--grow-from", metavar="OLD_DATASET",
+                        help="a new version of OLD_DATASET: its classes keep their ids by class "
+                             "key, the input's new keys follow in sorted order; a class of OLD "
+                             "missing from the input, a changed or colliding key is an error; "
+                             "dataset.json records the lineage")
+    parser.add_argument(KEEP_REMOVED_FLAG, action="store_true",
+                        help="with --grow-from: keep classes of OLD_DATASET that the input no "
+                             "longer holds as empty classes (train count 0) instead of failing")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a dataset or an unfinished build in --out")
     return parser
@@ -294,6 +318,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.shard_size is not None and args.shard_size < 1:
         parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.keep_removed_classes and args.grow_from is None:
+        parser.error(f"{KEEP_REMOVED_FLAG} applies to --grow-from only")
+    if args.grow_from is not None and Path(args.grow_from).resolve() == Path(args.out).resolve():
+        parser.error("--out must differ from --grow-from (the old version is kept)")
     return args.shard_size or max(1, DEFAULT_SHARD_BYTES // (args.image_size ** 2 * 3))
 
 
@@ -327,6 +355,17 @@ def _check_files_exist(world, listing: Listing) -> None:
             "manifest's folder) or remove their lines")
 
 
+def _list(args: argparse.Namespace) -> tuple[Listing, GrownClasses | None]:
+    """Rank 0's listing of the input with its class ids: the sorted keys, or with --grow-from
+    the old version's keys first (data_prep/lineage.py), and the grown class table."""
+    listing = list_input(args.input, args.path_column, args.class_column, args.out)
+    if args.grow_from is None:
+        return listing, None
+    grown = grow_classes(args.grow_from, listing.class_keys, listing.source,
+                         args.keep_removed_classes)
+    return listing.with_class_keys(grown.keys), grown
+
+
 def build(world, args: argparse.Namespace, shard_size: int) -> str | None:
     """The whole build, collective; returns the summary line on rank 0, None elsewhere. Bad
     input or output found before converting raises SetupError (or DatasetError, from the
@@ -335,11 +374,10 @@ def build(world, args: argparse.Namespace, shard_size: int) -> str | None:
     from mpi.collectives import allgather_object
 
     start, out = time.perf_counter(), Path(args.out)
-    listing = decide_on_root(world, _reported_as_dataset_error(
-        lambda: list_input(args.input, args.path_column, args.class_column, args.out)))
+    listing, grown = decide_on_root(world, _reported_as_dataset_error(lambda: _list(args)))
     if listing.from_manifest:
         _check_files_exist(world, listing)
-    fingerprint = build_fingerprint(listing, args, shard_size)
+    fingerprint = build_fingerprint(listing, args, shard_size, grown)
     state = decide_on_root(world, _reported_as_dataset_error(
         lambda: prepare_output(out, fingerprint, args.overwrite)))
     if state == "complete":
@@ -349,8 +387,10 @@ def build(world, args: argparse.Namespace, shard_size: int) -> str | None:
                                                    out / WORK_DIR, world))
     if not world.is_root:
         return None
-    info, num_skipped, counts_C = finish(out, listing, parts, fingerprint)
+    info, num_skipped, counts_C = finish(out, listing, parts, fingerprint, grown)
     line = _summary(out, info, num_skipped, counts, time.perf_counter() - start)
+    if grown is not None:
+        line += "\n" + grown.summary()
     empty = np.flatnonzero(counts_C == 0)
     if len(empty):
         line += (f"\nwarning: {len(empty)} classes have no train samples (first: "

@@ -3,7 +3,8 @@ parsed dataset.json (`DatasetInfo`), reading and writing its files, and the per-
 
 Layout of a dataset directory::
 
-    dataset.json            DatasetInfo, written LAST (its presence means the dataset is complete)
+    dataset.json            DatasetInfo, written LAST (its presence means the dataset is complete);
+                            with the sha256 of classes.tsv and, in a grown version, its lineage
     classes.tsv             header "id<TAB>key<TAB>count", one line per class id 0..C-1
     train/shard-00000.h5    /inputs  float32 n x d ("vectors") or uint8 n x H x W x 3 ("images")
     val/shard-00000.h5      /labels  int64 n, every label in [0, C)
@@ -98,20 +99,40 @@ class SplitInfo:
 
 
 @dataclass(frozen=True)
+class Ancestor:
+    """An earlier version of a dataset, as a grown dataset's `lineage` records it: `path` where
+    it was (absolute; informational, datasets move), `classes_sha256` (the sha256 of its
+    classes.tsv: what identifies it) and `num_classes` (its ids 0..num_classes-1 are the same
+    classes, by key, in the descendant). See data_prep/lineage.py."""
+
+    path: str
+    classes_sha256: str
+    num_classes: int
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
-    """The parsed `dataset.json`. `generator` is free metadata of the tool that wrote it."""
+    """The parsed `dataset.json`. `generator` is free metadata of the tool that wrote it;
+    `classes_sha256` the sha256 of classes.tsv (None in datasets written before it existed);
+    `lineage` the versions it was grown from, its parent first (empty when not grown)."""
 
     kind: str
     input_shape: tuple[int, ...]
     num_classes: int
     splits: dict[str, SplitInfo]
     generator: dict[str, Any] = field(default_factory=dict)
+    classes_sha256: str | None = None
+    lineage: tuple[Ancestor, ...] = ()
 
     @property
     def input_dtype(self) -> np.dtype:
         return np.dtype(INPUT_DTYPES[self.kind])
 
     def to_json(self) -> dict[str, Any]:
+        # Optional keys, written when set: datasets written before they existed lack them.
+        optional = {"classes_sha256": self.classes_sha256} if self.classes_sha256 else {}
+        if self.lineage:
+            optional["lineage"] = [vars(a) for a in self.lineage]
         return {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
@@ -125,6 +146,7 @@ class DatasetInfo:
                 }
                 for name, split in self.splits.items()
             },
+            **optional,
             "generator": self.generator,
         }
 
@@ -159,7 +181,39 @@ class DatasetInfo:
         generator = obj.get("generator", {})
         if not isinstance(generator, dict):
             raise fail("'generator' must be a JSON object")
-        return cls(kind, tuple(shape), num_classes, splits, generator)
+        classes_sha256 = obj.get("classes_sha256")
+        if classes_sha256 is not None and not is_sha256(classes_sha256):
+            raise fail("'classes_sha256' must be 64 lowercase hex digits")
+        return cls(kind, tuple(shape), num_classes, splits, generator, classes_sha256,
+                   _lineage_from_json(obj.get("lineage", []), num_classes, fail))
+
+
+def is_sha256(value: Any) -> bool:
+    """Whether `value` is a hex sha256 digest as the format writes it (64 lowercase digits)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef"
+                                                               for c in value)
+
+
+def _lineage_from_json(lineage: Any, num_classes: int,
+                       fail: Callable[[str], DatasetError]) -> tuple[Ancestor, ...]:
+    """The checked `lineage` list: ancestors parent first, each with a path, a classes.tsv
+    sha256 and a class count that never grows towards older versions."""
+    if not isinstance(lineage, list):
+        raise fail("'lineage' must be a list")
+    ancestors, limit = [], num_classes
+    for i, entry in enumerate(lineage):
+        key = f"lineage[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise fail(f"'{key}' must hold 'path', 'classes_sha256' and 'num_classes'")
+        if not is_sha256(entry.get("classes_sha256")):
+            raise fail(f"'{key}.classes_sha256' must be 64 lowercase hex digits")
+        count = _count(entry.get("num_classes"), f"{key}.num_classes", 1, fail)
+        if count > limit:
+            raise fail(f"'{key}.num_classes' is {count}, more than the {limit} classes of the "
+                       "version grown from it")
+        ancestors.append(Ancestor(entry["path"], entry["classes_sha256"], count))
+        limit = count
+    return tuple(ancestors)
 
 
 def _count(value: Any, key: str, minimum: int, fail: Callable[[str], DatasetError]) -> int:
@@ -178,8 +232,7 @@ def _split_from_json(split: Any, name: str, fail: Callable[[str], DatasetError])
         if not isinstance(entry, dict) or entry.get("path") != shard_path(name, i):
             raise fail(f"'{key}.path' must be {shard_path(name, i)!r}")
         digest = entry.get("sha256")
-        if not (isinstance(digest, str) and len(digest) == 64
-                and all(c in "0123456789abcdef" for c in digest)):
+        if not is_sha256(digest):
             raise fail(f"'{key}.sha256' must be 64 lowercase hex digits")
         shards.append(ShardInfo(entry["path"],
                                 _count(entry.get("num_samples"), f"{key}.num_samples", 1, fail),
@@ -346,7 +399,10 @@ def read_classes(dataset_dir: str | os.PathLike, num_classes: int) -> tuple[list
         raise DatasetError(path, f"lists {len(keys)} classes but dataset.json says {num_classes}",
                            _REGENERATE)
     if len(set(keys)) != num_classes:
-        raise DatasetError(path, "class keys are not unique", _REGENERATE)
+        first = {}
+        dup = next(i for i, key in enumerate(keys) if first.setdefault(key, i) != i)
+        raise DatasetError(path, f"class keys are not unique: {keys[dup]!r} is class "
+                           f"{first[keys[dup]]} and class {dup}", _REGENERATE)
     return keys, counts
 
 

@@ -13,6 +13,10 @@ only the first and one random chunk of QUICK_CHUNK_BYTES of rows of every shard 
 chunk is drawn from a generator seeded by the shard's position, so a rerun checks the same
 rows). Schema, layout, counts and labels are checked in full either way.
 
+The summary names the versions the dataset was grown from (dataset.json's lineage,
+data_prep/lineage.py) and whether each is still at its recorded path; the sha256 of classes.tsv
+is checked against dataset.json's `classes_sha256` (not with --quick).
+
 Exit code 0 when valid; otherwise one line "error: <file>: <problem>; <what to do>" on stderr
 and exit code 2.
 """
@@ -163,9 +167,32 @@ def inspect_dataset(dataset_dir: str | Path, progress: bool = False,
             train_counts_C += np.bincount(labels_n, minlength=info.num_classes)
         size += path.stat().st_size
     _check_counts(dataset_dir, keys, listed_counts_C, train_counts_C)
+    if info.classes_sha256 and not quick:  # after the counts: a wrong count is named first
+        _check_hash(dataset_dir / CLASSES_NAME, info.classes_sha256)
     total = sum(info.splits[s].num_samples for s in SPLITS)
     values.raise_if_bad(total)
-    return DatasetSummary(info, size, train_counts_C, [values.line(total)])
+    return DatasetSummary(info, size, train_counts_C, [values.line(total),
+                                                       *lineage_lines(info)])
+
+
+def lineage_lines(info: DatasetInfo) -> list[str]:
+    """The summary lines of the versions `info` was grown from, parent first, each with
+    whether that version is still at its recorded path."""
+    from data_prep.lineage import ancestor_of
+
+    lines = []
+    for generation, entry in enumerate(info.lineage):
+        try:
+            there = ancestor_of(entry.path, verify=False).classes_sha256
+            where = "present there" if there == entry.classes_sha256 else \
+                "another version is there now"
+        except DatasetError:
+            where = "not found there"
+        verb = "grown from" if generation == 0 else "  which grew from"
+        lines.append(f"{'lineage: ' if generation == 0 else ''}{verb} {entry.path} "
+                     f"({entry.num_classes} classes, classes.tsv sha256 "
+                     f"{entry.classes_sha256[:12]}..., {where})")
+    return lines or ["lineage: none (not grown from another version)"]
 
 
 def _check_counts(dataset_dir: Path, keys: list[str], listed_counts_C: np.ndarray,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,15 @@ class Listing:
 
     def path(self, i: int) -> str:
         return os.path.join(self.base, self.names[i])
+
+    def with_class_keys(self, class_keys: list[str]) -> "Listing":
+        """This listing with the class ids of `class_keys` (keys by id; it holds every key of
+        this listing and may hold more, classes without files; kept, not copied). The split and
+        the digest depend on the keys, not the ids, so they do not change."""
+        index = {key: i for i, key in enumerate(class_keys)}
+        remap_c = np.fromiter((index[key] for key in self.class_keys), np.int64,
+                              len(self.class_keys))
+        return replace(self, labels_m=remap_c[self.labels_m], class_keys=class_keys)
 
     def digest(self) -> str:
         """sha256 of the (name, class key) list: what the build fingerprint records of the input."""

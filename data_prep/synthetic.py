@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.format import DatasetError, DatasetInfo, load_dataset_info
+from data_prep.format import Ancestor, DatasetError, DatasetInfo, load_dataset_info
+from data_prep.lineage import child_lineage
 from data_prep.writer import DatasetWriter
 
 GENERATOR_NAME = "data_prep.synthetic"
@@ -194,11 +195,14 @@ class SyntheticGenerator:
 
 def generate(out_dir: str | Path, params: SyntheticParams, num_classes: int,
              shard_size: int | None = None, overwrite: bool = False, progress: bool = True,
-             grown_from: str | None = None) -> DatasetInfo:
+             grown_from: str | None = None,
+             lineage: tuple[Ancestor, ...] = ()) -> DatasetInfo:
     """Writes classes 0..num_classes-1 of `params` as a dataset; returns its DatasetInfo.
 
     Classes are processed in chunks of `params.chunk_classes` ids (vectorised over classes and
     samples); the train split holds each class's samples contiguously, in class order.
+    `grown_from` (a path, generator metadata) and `lineage` (dataset.json's, see
+    data_prep/lineage.py) record the version it was grown from.
     """
     from tqdm import tqdm
 
@@ -207,7 +211,8 @@ def generate(out_dir: str | Path, params: SyntheticParams, num_classes: int,
                 "latent_dim": params.latent_dim, "grown_from": grown_from}
     chunk = params.chunk_classes
     with DatasetWriter(out_dir, params.kind, params.input_shape, num_classes, class_key,
-                       shard_size=shard_size, generator=metadata, overwrite=overwrite) as writer, \
+                       shard_size=shard_size, generator=metadata, overwrite=overwrite,
+                       lineage=lineage) as writer, \
             tqdm(total=num_classes, unit="class", file=sys.stderr, disable=not progress,
                  desc="synthetic") as bar:
         for start in range(0, num_classes, chunk):
@@ -313,13 +318,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shard-size must be >= 1, got {args.shard_size}")
     start = time.perf_counter()
     try:
+        lineage = ()
         if args.grow_from is not None:
             params, old_classes = _params_to_grow(args.grow_from, args)
             num_classes = old_classes + args.new_classes
+            lineage = child_lineage(args.grow_from)
         else:
             params, num_classes = _params_from_flags(args, parser), args.num_classes
         info = generate(args.out, params, num_classes, shard_size=args.shard_size,
-                            overwrite=args.overwrite, grown_from=args.grow_from)
+                        overwrite=args.overwrite, grown_from=args.grow_from, lineage=lineage)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

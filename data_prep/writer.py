@@ -11,8 +11,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from data_prep.format import (DATASET_JSON, DEFAULT_SHARD_BYTES, INPUT_DTYPES, INPUTS_KEY,
-                              LABELS_KEY, SPLITS, DatasetError, DatasetInfo, ShardInfo, SplitInfo,
+from data_prep.format import (CLASSES_NAME, DATASET_JSON, DEFAULT_SHARD_BYTES, INPUT_DTYPES,
+                              INPUTS_KEY, LABELS_KEY, SPLITS, Ancestor, DatasetError, DatasetInfo,
+                              ShardInfo, SplitInfo,
                               clear_dataset, existing_shards, input_shape_error, nonfinite_problem,
                               nonfinite_rows, sha256_file, shard_path, write_classes,
                               write_dataset_info)
@@ -98,7 +99,9 @@ class DatasetWriter:
     via `.tmp` + os.replace, so a dataset.json only exists for a complete dataset.
 
     `class_keys` is a sequence of C strings or a function of the class id (for very large C).
-    `generator` is stored as dataset.json's free metadata. The writer refuses a directory that
+    `generator` is stored as dataset.json's free metadata, `lineage` (the versions this one was
+    grown from, parent first, data_prep/lineage.py) as its lineage; dataset.json also records
+    the sha256 of classes.tsv. The writer refuses a directory that
     already holds a dataset.json or shard files unless `overwrite=True`; then it removes
     dataset.json first and the old shards and classes.tsv, and leaves other files alone.
     """
@@ -106,7 +109,7 @@ class DatasetWriter:
     def __init__(self, out_dir: str | os.PathLike, kind: str, input_shape: Sequence[int],
                  num_classes: int, class_keys: Sequence[str] | Callable[[int], str],
                  shard_size: int | None = None, generator: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, lineage: Sequence[Ancestor] = ()) -> None:
         input_shape = tuple(int(s) for s in input_shape)
         problem = input_shape_error(kind, input_shape)
         if problem:
@@ -125,6 +128,7 @@ class DatasetWriter:
         self.shard_size, self.dtype = shard_size, dtype
         self._key_of = class_keys if callable(class_keys) else class_keys.__getitem__
         self._generator = dict(generator or {})
+        self._lineage = tuple(lineage)
         self._buffers = {s: ShardBuffer(self.out_dir, s, shard_size) for s in SPLITS}
         self._train_counts_C = np.zeros(num_classes, dtype=np.int64)
         self._finished = False
@@ -178,7 +182,8 @@ class DatasetWriter:
         self._finished = True
         write_classes(self.out_dir, self.num_classes, self._key_of, self._train_counts_C)
         info = DatasetInfo(self.kind, self.input_shape, self.num_classes, splits,
-                           self._generator)
+                           self._generator, sha256_file(self.out_dir / CLASSES_NAME),
+                           self._lineage)
         write_dataset_info(self.out_dir, info)
         self.dataset_info = info
         return info
