@@ -99,7 +99,16 @@ class ModelConfig:
         first graph, which then is a graph of the weights, so refreshes start from meaningful
         rows), else `random`. Measured: imprinting raised top-1 of both full and knn
         (docs/results/README.md); without it, a refresh early in a knn run builds its graph
-        from rows most of which are still random.
+        from rows most of which are still random. With `--init-from` it is not used: the
+        known rows come from the checkpoint and the new ones follow `new_rows`.
+    new_rows, keep_row_momentum: only for a run started with `--init-from` (app.train; other
+        values are refused without it, unless --resume restores a run started so). new_rows:
+        each NEW class's row (ids C_old.., not in the checkpoint) starts as `centres` (its mean
+        feature under the loaded backbone, unit norm; one pass over the train split; a class
+        without samples keeps its random row) or `random` (N(0, 1/D), as in a fresh run).
+        keep_row_momentum: the known rows (ids 0..C_old-1) keep their classifier momentum from
+        the checkpoint (true) or start with zero momentum (false); their weights are always
+        copied bit for bit.
     """
 
     backbone: str = "mlp"
@@ -109,9 +118,12 @@ class ModelConfig:
     resnet_blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
     resnet_width: int = 16
     classifier_init: str = "auto"
+    new_rows: str = "centres"
+    keep_row_momentum: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("model.backbone", self.backbone, ("mlp", "resnet"))
+        _check_choice("model.new_rows", self.new_rows, ("centres", "random"))
         _check_choice("model.classifier_init", self.classifier_init,
                       ("auto", "random", "centres"))
         _check_at_least("model.embedding_dim", self.embedding_dim, 1)
@@ -144,6 +156,13 @@ class TrainConfig:
         "nonfinite_skipped": true, "consecutive_skipped"} goes to metrics.jsonl and a warning
         to the rank-0 log; the 10th skipped step in a row (MAX_CONSECUTIVE_SKIPS in
         app/training/trainer.py) stops the run as `stop` does.
+    freeze_backbone_steps: the first N steps update only the classifier rows that are new (ids
+        C_old.. of an `--init-from` run; every row otherwise): the backbone runs in eval mode
+        without gradients (weights and batch-norm statistics unchanged) and the known rows keep
+        weight and momentum; the step count, schedule and data order go on as usual. 0 = off.
+    checkpoint_at_start: also write a checkpoint of the initial state (step 0: loaded and
+        initialised rows, backbone) before the first step, e.g. to evaluate an `--init-from`
+        start with app.evaluate.
     """
 
     steps: int = 1000
@@ -157,11 +176,13 @@ class TrainConfig:
     crash_at_step: int = -1
     dtype: str = "float32"
     on_nonfinite: str = "stop"
+    freeze_backbone_steps: int = 0
+    checkpoint_at_start: bool = False
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "eval_batch_size", "keep_checkpoints"):
             _check_at_least(f"train.{key}", getattr(self, key), 1)
-        for key in ("eval_every", "eval_max_samples", "checkpoint_every"):
+        for key in ("eval_every", "eval_max_samples", "checkpoint_every", "freeze_backbone_steps"):
             _check_at_least(f"train.{key}", getattr(self, key), 0)
         _check_at_least("train.crash_at_step", self.crash_at_step, -1)
         _check_choice("train.dtype", self.dtype, ("float32", "float64"))

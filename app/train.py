@@ -1,4 +1,5 @@
-"""`python -m app.train --config FILE [--set key=value ...] [--resume]` under mpirun or srun.
+"""`python -m app.train --config FILE [--set key=value ...] [--resume] [--init-from RUN_OR_CKPT]`
+under mpirun or srun.
 
 Trains the hybrid-parallel classifier (docs/design.md) in the run directory `out_dir`. Exit codes:
 0 done, 2 bad config, dataset or checkpoint, or an out_dir that cannot be used or is used by
@@ -38,6 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in out_dir (any number of "
                         "ranks); starts from step 0 if there is none")
+    p.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
+                   help="start a new run (step 0, fresh schedule and backbone optimizer) from "
+                        "an earlier run's newest complete checkpoint (a run directory) or a "
+                        "checkpoint directory, on the same dataset or a version grown from it "
+                        "(--grow-from): backbone and known class rows are loaded (any number of "
+                        "ranks), new classes start per model.new_rows; see README 'Continue "
+                        "from an earlier run'. With --resume, a checkpoint in out_dir wins")
     return p.parse_args(argv)
 
 
@@ -54,7 +62,7 @@ def main(argv=None, stop: StopRequest | None = None) -> int:
     try:
         # Every rank validates on its own, then all agree before the first collective.
         trainer = agree(world, lambda: Trainer(world, load_config(args.config, args.set),
-                                               args.resume, log))
+                                               args.resume, log, args.init_from))
     except SetupError as exc:
         return _refuse(world, exc)
     try:

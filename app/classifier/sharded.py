@@ -189,12 +189,18 @@ class ShardedClassifier:
         momentum stay as they are."""
         self._pending = None
 
-    def step(self, lr: float) -> int:
-        """Apply this step's row gradients (after backward). Returns the number of rows touched."""
+    def step(self, lr: float, first_free: int = 0) -> int:
+        """Apply this step's row gradients (after backward). Returns the number of rows touched.
+        Rows of classes below `first_free` (a global class id) keep weight and momentum."""
         assert self._pending is not None, "step() without loss()"
         rows, weight_leaf = self._pending
         self._pending = None
-        self.optimizer.step(rows, weight_leaf.grad, lr)
+        grad = weight_leaf.grad
+        if first_free > self.start:
+            local = torch.arange(self.num_local) if rows is None else rows
+            free = local >= first_free - self.start
+            rows, grad = local[free], grad[free]
+        self.optimizer.step(rows, grad, lr)
         return self.num_local if rows is None else int(rows.numel())
 
     # -- checkpointing: rows are stored by GLOBAL class range (app/checkpoint.py), so any world

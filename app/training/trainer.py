@@ -30,7 +30,7 @@ from app.evaluate import evaluate
 from app.knn import GraphRefresher
 from app.model import as_input, build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
-from app.training import data_parallel
+from app.training import data_parallel, init_from
 from app.training.metrics import MetricsWindow
 from app.training.plan import make_run_plan
 from app.training.run_dir import RunLock, check_run_dir, prepare_run_dir, repair_logs
@@ -54,11 +54,17 @@ class NonFiniteLoss(RuntimeError):
 class Trainer:
     """One training run in `cfg.out_dir`; see the module docstring."""
 
-    def __init__(self, world, cfg: Config, resume: bool, log):
+    def __init__(self, world, cfg: Config, resume: bool, log, init_source: str | None = None):
         self.world, self.cfg, self.log, self.resume = world, cfg, log, resume
         self.run_dir = Path(cfg.out_dir)
         self.start_step = 0
         self.resumed_from: Path | None = None
+        # --init-from: the source given, then the checkpoint started from (init_from.Source).
+        self.init_source, self.started_from = init_source, None
+        if init_source is not None:
+            init_from.check_config(cfg)
+        elif not resume:
+            init_from.check_unused(cfg)
         self.lock: RunLock | None = None
         self.reader = ShardedReader(cfg.data.path, "train", world.rank, world.size,
                                     cfg.train.batch_size, cfg.seed, prefetch=cfg.data.prefetch)
@@ -109,12 +115,23 @@ class Trainer:
             self.lock = None
 
     def restore(self, choose=checkpoint.latest_checkpoint) -> None:
+        """`--resume` (`_resume`), else, or when out_dir has no checkpoint yet, `--init-from`
+        (app/training/init_from.py). Collective."""
+        if self.resume:
+            self._resume(choose)
+        if self.resumed_from is not None:  # --resume wins over --init-from: the run goes on
+            self.started_from = decide_on_root(self.world,
+                                               lambda: init_from.read_record(self.run_dir))
+        elif self.init_source is not None:
+            self.started_from = init_from.start(self, self.init_source)
+        else:
+            init_from.check_unused(self.cfg)  # --resume found nothing: a fresh run
+
+    def _resume(self, choose) -> None:
         """With `--resume`: continue from the newest complete checkpoint. Rank 0 chooses it
         (`choose(run_dir)`, a listing of its view of the file system) and every rank loads that
         one, so ranks that see the directory differently cannot resume from different steps.
         A problem on any rank raises the same SetupError on every rank."""
-        if not self.resume:
-            return
         directory = decide_on_root(self.world, lambda: choose(self.run_dir))
         if directory is None:
             self.log.info("--resume: no complete checkpoint in %s, starting from step 0",
@@ -205,6 +222,8 @@ class Trainer:
         if world.is_root:
             prepare_run_dir(self.run_dir, None if self.resumed_from else config_to_yaml(self.cfg),
                             self.start_step)
+            if self.started_from is not None and self.resumed_from is None:
+                init_from.write_record(self.run_dir, self.started_from)
         world.barrier()
         self.log.info(self.plan.describe())
         warning = mpirun_sigterm_warning()
@@ -212,6 +231,8 @@ class Trainer:
             self.log.warning(warning)
         window = MetricsWindow()
         window.knn_build_s += self._initial_rows_and_graph()
+        if self.cfg.train.checkpoint_at_start and self.resumed_from is None:
+            self._save(0)
         world.traffic.reset()
         return (JsonLines(self.run_dir / "metrics.jsonl", world.is_root),
                 JsonLines(self.run_dir / "eval.jsonl", world.is_root), window)
@@ -221,16 +242,18 @@ class Trainer:
         knn step needs (from the centres, the imprinted rows, random, or, when a resumed run
         lost its graph file, the weights). Returns the seconds the graph took."""
         cfg = self.cfg
+        fresh = self.resumed_from is None
+        if fresh and self.started_from is not None:
+            return init_from.new_rows_and_graph(self)
         imprinted = starts_imprinted(cfg)
         centres = None
-        if self.start_step == 0 and (imprinted or (self.graphs is not None
-                                                   and cfg.knn.init == "centres")):
+        if fresh and (imprinted or (self.graphs is not None and cfg.knn.init == "centres")):
             centres = train_centres(self.world, cfg, self.backbone, self.classifier, self.dtype)
-        if self.start_step == 0 and imprinted:
+        if fresh and imprinted:
             imprint(self.classifier, centres)
         if self.graphs is None or self.classifier.graph is not None:
             return 0.0
-        if self.start_step > 0:  # resumed, but the graph file was lost
+        if not fresh:  # resumed, but the graph file was lost
             rows, why = self.classifier.weight_cD, "rebuilt"
         elif cfg.knn.init == "random":
             rows, why = None, "initial"
@@ -287,7 +310,8 @@ class Trainer:
         self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none
         # The forward pass moves the batch-norm running statistics: kept to put them back.
         buffers = [b.clone() for b in self.backbone.buffers()]
-        feat_bD = self.backbone(x_b)
+        frozen = step < self.cfg.train.freeze_backbone_steps
+        feat_bD = self._frozen_features(x_b) if frozen else self.backbone(x_b)
         loss, loss_value = self.classifier.loss(feat_bD, labels_b, step)
         value = loss_value.item()
         if not math.isfinite(value):
@@ -297,9 +321,22 @@ class Trainer:
                     buffer.copy_(saved)
             return value, 0, 0.0
         loss.backward()
+        if frozen:  # train.freeze_backbone_steps: only the new rows learn
+            first_free = self.started_from.num_old if self.started_from is not None else 0
+            return value, self.classifier.step(lr * self.classifier_lr_ratio, first_free), 0.0
         hvd_wait = data_parallel.step(self.world, self.optimizer)
         rows = self.classifier.step(lr * self.classifier_lr_ratio)
         return value, rows, hvd_wait
+
+    @torch.no_grad()
+    def _frozen_features(self, x_b: torch.Tensor) -> torch.Tensor:
+        """The backbone's features in eval mode, without gradients: weights and batch-norm
+        statistics stay as they are (train.freeze_backbone_steps)."""
+        self.backbone.eval()
+        try:
+            return self.backbone(x_b)
+        finally:
+            self.backbone.train()
 
     def _after_step(self, done: int, lr: float, window: MetricsWindow, metrics: JsonLines,
                     evals: JsonLines, bar, grad_bytes: int, stop: StopRequest,
@@ -337,6 +374,9 @@ class Trainer:
                    "world_size": self.world.size, "global_batch": self.plan.global_batch,
                    "wall_s": wall_s, "run_dir": str(self.run_dir),
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                   "init_from": ({"checkpoint": self.started_from.checkpoint,
+                                  "step": self.started_from.step}
+                                 if self.started_from is not None else None),
                    "peak_rss_mb": peak_rss_mb()}
         if self.world.is_root:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")

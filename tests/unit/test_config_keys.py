@@ -45,6 +45,9 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
     "model.resnet_blocks": (IMAGES, "model.resnet_blocks=[2]"),
     "model.resnet_width": (IMAGES, "model.resnet_width=6"),
     "model.classifier_init": ([], "model.classifier_init=centres"),
+    # Used only with --init-from (tests/integration/test_init_from.py): refused without it.
+    "model.new_rows": ([], "model.new_rows=random"),
+    "model.keep_row_momentum": ([], "model.keep_row_momentum=true"),
     "train.steps": ([], "train.steps=3"),
     "train.batch_size": ([], "train.batch_size=12"),
     "train.log_every": ([], "train.log_every=2"),
@@ -59,6 +62,8 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
     # a metrics.jsonl record), `stop` ends it at step 2 with an error naming the key.
     "train.on_nonfinite": (["optim.lr=1e30", "train.on_nonfinite=skip"],
                            "train.on_nonfinite=stop"),
+    "train.freeze_backbone_steps": ([], "train.freeze_backbone_steps=2"),
+    "train.checkpoint_at_start": ([], "train.checkpoint_at_start=true"),
     "softmax.mode": ([], "softmax.mode=sampled"),
     "softmax.k": (KNN, "softmax.k=4"),
     "softmax.random_negatives": (KNN, "softmax.random_negatives=4"),
