@@ -213,3 +213,20 @@ def test_resume_wins_over_init_from(data):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step-00000002")
     assert summary["init_from"]["step"] == 4
+
+
+def test_knn_graph_over_all_rows_and_the_same_dataset(data):
+    """knn mode: the step-0 graph is the exact (flat index) K nearest rows by cosine of the
+    loaded and new rows (float64 reference); and the very same dataset is accepted (logged)."""
+    out = data["root"] / "knn"
+    proc = train(2, data["new"], out, 1, 12, "softmax.mode=knn", "softmax.k=4", "knn.index=flat",
+                 "train.checkpoint_at_start=true", init_from=data["run"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w = rows(out / "checkpoints/step-00000000").astype(np.float64)
+    unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+    expected = np.argsort(-(unit @ unit.T), axis=1, kind="stable")[:, :4]
+    with h5py.File(out / "knn/graph-step-00000000.h5", "r") as f:
+        assert np.array_equal(f["neighbors"][:], expected)
+    same = train(1, data["old"], data["root"] / "same", 1, 12, init_from=data["run"])
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert "the run's own dataset" in same.stderr + same.stdout
