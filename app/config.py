@@ -308,12 +308,20 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Learning-rate schedule, a pure function of the step (app/training/schedule.py).
+    """Learning-rate schedule, a function of the step (app/training/schedule.py) and, for
+    `adaptive` decay, of the training loss (app/training/adaptive.py).
 
     warmup_steps: linear warm-up to the base lr over these first steps (0 = none).
     decay: after warm-up, `cosine` (to base lr x min_lr_ratio at train.steps), `step`
-        (x gamma at each milestone), or `constant`.
+        (x gamma at each milestone), `constant`, or `adaptive` (the adaptive_* keys).
+    min_lr_ratio: base lr x min_lr_ratio is where cosine ends and the adaptive floor (0 = none).
     milestones: absolute steps, strictly increasing, for `step` decay.
+    adaptive_window, adaptive_threshold, adaptive_factor: the lr is multiplied by
+        adaptive_factor whenever the mean loss of a window of adaptive_window steps is not below
+        (1 - adaptive_threshold) x the best window mean so far; a metrics.jsonl record each.
+    adaptive_stop: end the run (checkpoint, summary, exit 0) at the first flat window once the
+        lr is at its floor (needs min_lr_ratio > 0); train.steps is then the most steps.
+    The adaptive_* keys are refused with another decay unless left at their defaults.
     """
 
     warmup_steps: int = 0
@@ -321,15 +329,32 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    adaptive_factor: float = 0.5
+    adaptive_threshold: float = 0.01
+    adaptive_window: int = 100
+    adaptive_stop: bool = False
 
     def __post_init__(self) -> None:
         _check_at_least("schedule.warmup_steps", self.warmup_steps, 0)
-        _check_choice("schedule.decay", self.decay, ("cosine", "step", "constant"))
+        _check_choice("schedule.decay", self.decay, ("cosine", "step", "constant", "adaptive"))
         _check_fraction("schedule.min_lr_ratio", self.min_lr_ratio, zero_ok=True)
         ms = self.milestones
         if any(m < 0 for m in ms) or any(a >= b for a, b in zip(ms, ms[1:])):
             _fail("schedule.milestones", ms, "strictly increasing steps >= 0")
         _check_fraction("schedule.gamma", self.gamma)
+        if not 0.0 < self.adaptive_factor < 1.0:
+            _fail("schedule.adaptive_factor", self.adaptive_factor, "in (0, 1)")
+        if not 0.0 <= self.adaptive_threshold < 1.0:
+            _fail("schedule.adaptive_threshold", self.adaptive_threshold, "in [0, 1)")
+        _check_at_least("schedule.adaptive_window", self.adaptive_window, 1)
+        if self.adaptive_stop and not self.min_lr_ratio > 0:
+            raise ValueError("schedule.adaptive_stop: true needs schedule.min_lr_ratio > 0 "
+                             "(the floor at which the run stops)")
+        for f in dataclasses.fields(self):
+            if self.decay != "adaptive" and f.name.startswith("adaptive_") and \
+                    getattr(self, f.name) != f.default:
+                raise ValueError(f"schedule.{f.name}: set, but it only acts with "
+                                 f"schedule.decay=adaptive (decay is {self.decay!r})")
 
 
 @dataclass(frozen=True)
