@@ -277,7 +277,13 @@ class OptimConfig:
     and the lr must be changed explicitly.
 
     name, lr, momentum, weight_decay, betas: the backbone optimizer (`sgd` uses momentum,
-        `adamw` uses betas; weight_decay is decoupled for adamw).
+        `adamw` uses betas; weight_decay is decoupled for adamw). `lars` (momentum,
+        trust_coefficient) and `lamb` (betas, eps): large-batch optimizers for the BACKBONE only
+        (app/training/optimizers.py), a trust ratio per weight tensor, none and no weight decay
+        for biases and norm parameters. eps, trust_coefficient, and for lars/lamb momentum and
+        betas, are refused away from their defaults when the optimizer does not read them.
+    trust_coefficient: LARS's eta: the trust ratio is eta ||w|| / (||g|| + weight_decay ||w||).
+    eps: the term added to the square root of the second moment (adamw, lamb).
     classifier_lr: lr of the classifier shard; None = the same as lr.
     classifier_momentum, classifier_weight_decay: the classifier shard's SGD, which updates only
         the weight rows a step touched.
@@ -288,22 +294,41 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    trust_coefficient: float = 0.001
+    eps: float = 1e-8
     classifier_lr: float | None = None
     classifier_momentum: float = 0.9
     classifier_weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        _check_choice("optim.name", self.name, ("sgd", "adamw"))
+        _check_choice("optim.name", self.name, ("sgd", "adamw", "lars", "lamb"))
         if not self.lr > 0:
             _fail("optim.lr", self.lr, "> 0")
         _check_momentum("optim.momentum", self.momentum)
         _check_at_least("optim.weight_decay", self.weight_decay, 0.0)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             _fail("optim.betas", self.betas, "two numbers in [0, 1)")
+        if not self.trust_coefficient > 0:
+            _fail("optim.trust_coefficient", self.trust_coefficient, "> 0")
+        if not self.eps > 0:
+            _fail("optim.eps", self.eps, "> 0")
+        self._refuse_unread_keys()
         if self.classifier_lr is not None and not self.classifier_lr > 0:
             _fail("optim.classifier_lr", self.classifier_lr, "> 0 or null")
         _check_momentum("optim.classifier_momentum", self.classifier_momentum)
         _check_at_least("optim.classifier_weight_decay", self.classifier_weight_decay, 0.0)
+
+    def _refuse_unread_keys(self) -> None:
+        reads = {"sgd": "momentum", "adamw": "betas eps", "lars": "momentum trust_coefficient",
+                 "lamb": "betas eps"}[self.name].split()
+        checked = {"eps", "trust_coefficient"} | ({"momentum", "betas"} if self.name in
+                                                  ("lars", "lamb") else set())
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.name in checked - set(reads) and getattr(self, f.name) != default:
+                raise ValueError(f"optim.{f.name}: {getattr(self, f.name)!r} is not read by "
+                                 f"optim.name={self.name} (it reads {', '.join(reads)} and "
+                                 f"weight_decay); remove the key")
 
 
 @dataclass(frozen=True)
