@@ -30,7 +30,7 @@ from app.evaluate import evaluate
 from app.knn import GraphRefresher
 from app.model import as_input, build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
-from app.training import data_parallel
+from app.training import data_parallel, optimizers
 from app.training.metrics import MetricsWindow
 from app.training.plan import make_run_plan
 from app.training.run_dir import RunLock, check_run_dir, prepare_run_dir, repair_logs
@@ -138,7 +138,7 @@ class Trainer:
                                              self.cfg.model.embedding_dim, self.classifier)
         try:
             self.backbone.load_state_dict(state["backbone"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            optimizers.load_state(self.optimizer, state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise ValueError(f"{directory / checkpoint.TRAINER_STATE}: the saved backbone or "

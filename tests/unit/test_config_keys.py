@@ -84,6 +84,8 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
     "optim.momentum": ([], "optim.momentum=0.5"),
     "optim.weight_decay": ([], "optim.weight_decay=0.1"),
     "optim.betas": (["optim.name=adamw"], "optim.betas=[0.5,0.9]"),
+    "optim.trust_coefficient": (["optim.name=lars"], "optim.trust_coefficient=0.01"),
+    "optim.eps": (["optim.name=lamb"], "optim.eps=0.001"),
     "optim.classifier_lr": ([], "optim.classifier_lr=0.1"),
     "optim.classifier_momentum": ([], "optim.classifier_momentum=0.5"),
     "optim.classifier_weight_decay": ([], "optim.classifier_weight_decay=0.1"),
