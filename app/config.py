@@ -321,8 +321,7 @@ class OptimConfig:
     def _refuse_unread_keys(self) -> None:
         reads = {"sgd": "momentum", "adamw": "betas eps", "lars": "momentum trust_coefficient",
                  "lamb": "betas eps"}[self.name].split()
-        checked = {"eps", "trust_coefficient"} | ({"momentum", "betas"} if self.name in
-                                                  ("lars", "lamb") else set())
+        checked = {"momentum", "betas", "eps", "trust_coefficient"}
         for f in dataclasses.fields(self):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if f.name in checked - set(reads) and getattr(self, f.name) != default:

@@ -222,3 +222,11 @@ def test_build_reads_the_config():
 def test_config_refuses_a_key_the_optimizer_does_not_read(sets, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("|", r"\|")):
         load_config(None, sets)
+
+
+@pytest.mark.parametrize("sets, key", [(["optim.betas=[0.5,0.9]"], "optim.betas"),
+                                       (["optim.name=adamw", "optim.momentum=0.5"],
+                                        "optim.momentum")])
+def test_sgd_and_adamw_refuse_what_they_do_not_read(sets, key):
+    with pytest.raises(ValueError, match=f"^{key}: .* is not read by optim.name="):
+        load_config(None, sets)
