@@ -22,15 +22,15 @@ resolved values, and `config_to_yaml` writes them resolved.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException, ValidationError
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from app.config_yaml import assign, field_types, read_yaml, yaml_problem
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -298,7 +298,13 @@ class OptimConfig:
     and the lr must be changed explicitly.
 
     name, lr, momentum, weight_decay, betas: the backbone optimizer (`sgd` uses momentum,
-        `adamw` uses betas; weight_decay is decoupled for adamw).
+        `adamw` uses betas; weight_decay is decoupled for adamw). `lars` (momentum,
+        trust_coefficient) and `lamb` (betas, eps): large-batch optimizers for the BACKBONE only
+        (app/training/optimizers.py), a trust ratio per weight tensor, none and no weight decay
+        for biases and norm parameters. eps, trust_coefficient, and for lars/lamb momentum and
+        betas, are refused away from their defaults when the optimizer does not read them.
+    trust_coefficient: LARS's eta: the trust ratio is eta ||w|| / (||g|| + weight_decay ||w||).
+    eps: the term added to the square root of the second moment (adamw, lamb).
     classifier_lr: lr of the classifier shard; None = the same as lr.
     classifier_momentum, classifier_weight_decay: the classifier shard's SGD, which updates only
         the weight rows a step touched.
@@ -309,32 +315,58 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    trust_coefficient: float = 0.001
+    eps: float = 1e-8
     classifier_lr: float | None = None
     classifier_momentum: float = 0.9
     classifier_weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        _check_choice("optim.name", self.name, ("sgd", "adamw"))
+        _check_choice("optim.name", self.name, ("sgd", "adamw", "lars", "lamb"))
         if not self.lr > 0:
             _fail("optim.lr", self.lr, "> 0")
         _check_momentum("optim.momentum", self.momentum)
         _check_at_least("optim.weight_decay", self.weight_decay, 0.0)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             _fail("optim.betas", self.betas, "two numbers in [0, 1)")
+        if not self.trust_coefficient > 0:
+            _fail("optim.trust_coefficient", self.trust_coefficient, "> 0")
+        if not self.eps > 0:
+            _fail("optim.eps", self.eps, "> 0")
+        self._refuse_unread_keys()
         if self.classifier_lr is not None and not self.classifier_lr > 0:
             _fail("optim.classifier_lr", self.classifier_lr, "> 0 or null")
         _check_momentum("optim.classifier_momentum", self.classifier_momentum)
         _check_at_least("optim.classifier_weight_decay", self.classifier_weight_decay, 0.0)
 
+    def _refuse_unread_keys(self) -> None:
+        reads = {"sgd": "momentum", "adamw": "betas eps", "lars": "momentum trust_coefficient",
+                 "lamb": "betas eps"}[self.name].split()
+        checked = {"momentum", "betas", "eps", "trust_coefficient"}
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.name in checked - set(reads) and getattr(self, f.name) != default:
+                raise ValueError(f"optim.{f.name}: {getattr(self, f.name)!r} is not read by "
+                                 f"optim.name={self.name} (it reads {', '.join(reads)} and "
+                                 f"weight_decay); remove the key")
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Learning-rate schedule, a pure function of the step (app/training/schedule.py).
+    """Learning-rate schedule, a function of the step (app/training/schedule.py) and, for
+    `adaptive` decay, of the training loss (app/training/adaptive.py).
 
     warmup_steps: linear warm-up to the base lr over these first steps (0 = none).
     decay: after warm-up, `cosine` (to base lr x min_lr_ratio at train.steps), `step`
-        (x gamma at each milestone), or `constant`.
+        (x gamma at each milestone), `constant`, or `adaptive` (the adaptive_* keys).
+    min_lr_ratio: base lr x min_lr_ratio is where cosine ends and the adaptive floor (0 = none).
     milestones: absolute steps, strictly increasing, for `step` decay.
+    adaptive_window, adaptive_threshold, adaptive_factor: the lr is multiplied by
+        adaptive_factor whenever the mean loss of a window of adaptive_window steps is not below
+        (1 - adaptive_threshold) x the best window mean so far; a metrics.jsonl record each.
+    adaptive_stop: end the run (checkpoint, summary, exit 0) at the first flat window once the
+        lr is at its floor (needs min_lr_ratio > 0); train.steps is then the most steps.
+    The adaptive_* keys are refused with another decay unless left at their defaults.
     """
 
     warmup_steps: int = 0
@@ -342,15 +374,32 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    adaptive_factor: float = 0.5
+    adaptive_threshold: float = 0.01
+    adaptive_window: int = 100
+    adaptive_stop: bool = False
 
     def __post_init__(self) -> None:
         _check_at_least("schedule.warmup_steps", self.warmup_steps, 0)
-        _check_choice("schedule.decay", self.decay, ("cosine", "step", "constant"))
+        _check_choice("schedule.decay", self.decay, ("cosine", "step", "constant", "adaptive"))
         _check_fraction("schedule.min_lr_ratio", self.min_lr_ratio, zero_ok=True)
         ms = self.milestones
         if any(m < 0 for m in ms) or any(a >= b for a, b in zip(ms, ms[1:])):
             _fail("schedule.milestones", ms, "strictly increasing steps >= 0")
         _check_fraction("schedule.gamma", self.gamma)
+        if not 0.0 < self.adaptive_factor < 1.0:
+            _fail("schedule.adaptive_factor", self.adaptive_factor, "in (0, 1)")
+        if not 0.0 <= self.adaptive_threshold < 1.0:
+            _fail("schedule.adaptive_threshold", self.adaptive_threshold, "in [0, 1)")
+        _check_at_least("schedule.adaptive_window", self.adaptive_window, 1)
+        if self.adaptive_stop and not self.min_lr_ratio > 0:
+            raise ValueError("schedule.adaptive_stop: true needs schedule.min_lr_ratio > 0 "
+                             "(the floor at which the run stops)")
+        for f in dataclasses.fields(self):
+            if self.decay != "adaptive" and f.name.startswith("adaptive_") and \
+                    getattr(self, f.name) != f.default:
+                raise ValueError(f"schedule.{f.name}: set, but it only acts with "
+                                 f"schedule.decay=adaptive (decay is {self.decay!r})")
 
 
 @dataclass(frozen=True)
@@ -384,12 +433,12 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     conf = OmegaConf.structured(Config)
     # Frozen dataclasses make every node read-only; the merge writes into this private copy
     # and the frozen Config built at the end is what callers see.
-    sections = [name for name, tp in _field_types(Config).items() if dataclasses.is_dataclass(tp)]
+    sections = [name for name, tp in field_types(Config).items() if dataclasses.is_dataclass(tp)]
     for node in [conf, *(conf[name] for name in sections)]:
         OmegaConf.set_readonly(node, None)
     if path is not None:
-        for key, value in _read_yaml(path).items():
-            _assign(conf, str(key), value, path)
+        for key, value in read_yaml(path).items():
+            assign(Config, conf, str(key), value, path)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -398,9 +447,9 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ValueError(
-                f"--set {item!r}: cannot parse the value as YAML ({_yaml_problem(e)})"
+                f"--set {item!r}: cannot parse the value as YAML ({yaml_problem(e)})"
             ) from None
-        _assign(conf, key.strip(), value, "--set")
+        assign(Config, conf, key.strip(), value, "--set")
     try:
         return OmegaConf.to_object(conf)
     except OmegaConfBaseException as e:  # interpolations are only resolved here
@@ -416,74 +465,3 @@ def config_to_yaml(cfg: Config) -> str:
 def config_hash(cfg: Config) -> str:
     """16 hex digits of the sha256 of `config_to_yaml(cfg)`, for checkpoint manifests."""
     return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
-
-
-def _read_yaml(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ValueError(f"config file '{path}': cannot read it ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file '{path}': invalid YAML ({_yaml_problem(e)})") from None
-    if data is None:  # an empty file changes nothing
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"config file '{path}': expected a mapping of config keys, got {type(data).__name__}"
-        )
-    return data
-
-
-def _assign(conf: DictConfig, key: str, value: Any, source: str) -> None:
-    """Set dotted `key` (a leaf, or a section given a mapping) in `conf`, checking its type."""
-    target: Any = Config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        fields = _field_types(target) if dataclasses.is_dataclass(target) else {}
-        if part not in fields:
-            prefix = ".".join(parts[:i])
-            known = [f"{prefix}.{name}" if prefix else name for name in fields]
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"unknown config key '{key}' (from {source}){hint}")
-        target = fields[part]
-    if dataclasses.is_dataclass(target):
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping of {key}.* keys, got {value!r}")
-        for sub_key, sub_value in value.items():
-            _assign(conf, f"{key}.{sub_key}", sub_value, source)
-        return
-    # OmegaConf turns any int or string like 'yes' into a bool; only YAML booleans are meant.
-    if target is bool and not isinstance(value, bool) and not _is_interpolation(value):
-        raise ValueError(f"{key}: expected {_type_name(target)}, got {value!r}")
-    try:
-        OmegaConf.update(conf, key, value, merge=False)
-    except ValidationError:
-        raise ValueError(f"{key}: expected {_type_name(target)}, got {value!r}") from None
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    """Field name -> resolved type annotation of a config dataclass (ClassVars excluded)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) is list:
-        return f"list of {_type_name(args[0])}"
-    if type(None) in args:
-        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in args)
-    return tp.__name__
-
-
-def _is_interpolation(value: Any) -> bool:
-    return isinstance(value, str) and "${" in value
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """PyYAML's messages span several lines; keep the problem and where it is."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).split("\n")[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

@@ -9,5 +9,7 @@
 - `stop`: `StopRequest`, SIGUSR1/SIGTERM agreed over the ranks at step boundaries;
 - `metrics`: `MetricsWindow`, per-step figures folded into one metrics line per interval;
 - `data_parallel`: Horovod in one place (the backbone's DistributedOptimizer, broadcast);
-- `schedule`: `LRSchedule`, the learning rate as a function of the step.
+- `optimizers`: the backbone's optimizers (sgd, adamw, our LARS and LAMB) and resuming them;
+- `schedule`: `LRSchedule`, the learning rate as a function of the step (and, under
+  `schedule.decay=adaptive`, of the losses so far: `adaptive.AdaptiveDecay`).
 """

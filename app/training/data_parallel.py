@@ -12,19 +12,16 @@ import time
 
 import torch
 
+from app.training import optimizers
 from mpi import collectives
 
 
 def build_backbone_optimizer(world, model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    """The backbone's optimizer (SGD with momentum or AdamW), wrapped in Horovod's
-    DistributedOptimizer (summed gradients) when Horovod runs."""
-    params = list(model.parameters())
-    if optim_cfg.name == "adamw":
-        opt = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
-                                weight_decay=optim_cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
-                              weight_decay=optim_cfg.weight_decay)
+    """The backbone's optimizer (`optim.name`: SGD with momentum, AdamW, LARS or LAMB;
+    app/training/optimizers.py), wrapped in Horovod's DistributedOptimizer (summed gradients)
+    when Horovod runs: LARS and LAMB then compute their trust ratios from the summed gradient,
+    the gradient of one process with the same global batch."""
+    opt = optimizers.build(list(model.parameters()), optim_cfg)
     if world.hvd is None:
         return opt
     return world.hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),

@@ -30,7 +30,7 @@ from app.evaluate import evaluate
 from app.knn import GraphRefresher
 from app.model import as_input, build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
-from app.training import data_parallel, init_from
+from app.training import data_parallel, init_from, optimizers
 from app.training.metrics import MetricsWindow
 from app.training.plan import make_run_plan
 from app.training.run_dir import RunLock, check_run_dir, prepare_run_dir, repair_logs
@@ -155,13 +155,16 @@ class Trainer:
                                              self.cfg.model.embedding_dim, self.classifier)
         try:
             self.backbone.load_state_dict(state["backbone"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            optimizers.load_state(self.optimizer, state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise ValueError(f"{directory / checkpoint.TRAINER_STATE}: the saved backbone or "
                              f"optimizer does not fit the config's model.* / optim.* ({first}); "
                              f"resume with the config the run was started with") from exc
         checkpoint.set_rng_state(state["rng"])
+        if not self.schedule.load_progress(state.get("schedule")):
+            self.log.warning("%s holds no adaptive schedule state: schedule.decay=adaptive "
+                             "starts afresh at this step (lr factor 1)", directory)
         position = manifest["data_position"]
         if position["global_batch_size"] != self.reader.global_batch_size:
             self.log.warning("global batch changes from %d to %d on resume: the data order "
@@ -185,6 +188,8 @@ class Trainer:
         started, loss_value, last_eval, stopped_at = time.perf_counter(), float("nan"), None, None
         skipped = 0  # non-finite steps in a row (train.on_nonfinite=skip)
         for step in range(self.start_step, cfg.train.steps):
+            if self.schedule.stop_step is not None:  # schedule.adaptive_stop (or resumed so)
+                break
             if step == cfg.train.crash_at_step:
                 raise RuntimeError(f"train.crash_at_step={step}: injected failure")
             if self.graphs is not None and self.graphs.due(step):
@@ -199,6 +204,7 @@ class Trainer:
             if math.isfinite(value):
                 skipped, loss_value = 0, value
                 window.add(time.perf_counter() - t0, value, rows, hvd_wait)
+                self._adapt(step, value, metrics)
             else:
                 skipped += 1
                 self._nonfinite(step + 1, value, lr, skipped, metrics, bar)
@@ -290,6 +296,17 @@ class Trainer:
                              "(train.on_nonfinite=skip; %d in a row, the run stops at %d)",
                              value, done, skipped, MAX_CONSECUTIVE_SKIPS)
 
+    def _adapt(self, step: int, value: float, metrics: JsonLines) -> None:
+        """schedule.decay=adaptive: feed the finite loss of step `step`; a decision (cut, floor,
+        stop) goes to metrics.jsonl and the rank-0 log. The loss is the global-batch mean,
+        identical on every rank, so every rank decides the same without a collective."""
+        record = self.schedule.observe(step, value)
+        if record is None:
+            return
+        metrics.write({"step": step + 1, "epoch": self.reader.epoch, **record})
+        if self.world.is_root:
+            self.log.info(self.schedule.adaptive.describe(step + 1, record))
+
     def _step(self, step: int, lr: float) -> tuple[float, int, float]:
         """One optimizer step: (global mean loss, classifier rows updated, Horovod wait s).
 
@@ -344,7 +361,7 @@ class Trainer:
         """Metrics line, evaluation and checkpoint when due, and the agreed stop request after
         step `done`. Returns (the latest evaluation, whether to stop now)."""
         train = self.cfg.train
-        last = done == train.steps
+        last = done in (train.steps, self.schedule.stop_step)
         if (done % train.log_every == 0 or last) and window.steps:  # not if all were skipped
             record = window.flush(self.world, step=done, epoch=self.reader.epoch, lr=lr,
                                   global_batch=self.plan.global_batch, grad_bytes=grad_bytes)
@@ -367,10 +384,13 @@ class Trainer:
         if stopped_at is not None:
             self.val_reader.close()
             return {"stopped_at": stopped_at, "signal": signal_name, "run_dir": str(self.run_dir)}
+        # schedule.adaptive_stop may end the run before train.steps.
+        steps = self.schedule.stop_step or self.cfg.train.steps
         if last_eval is None:  # resumed at the end: nothing left to train
-            last_eval = self._evaluate(self.cfg.train.steps, evals)
+            last_eval = self._evaluate(steps, evals)
         self.val_reader.close()
-        summary = {"steps": self.cfg.train.steps, "final_loss": loss_value, **last_eval,
+        early = {"stopped_by": "schedule.adaptive_stop"} if self.schedule.stop_step else {}
+        summary = {"steps": steps, **early, "final_loss": loss_value, **last_eval,
                    "world_size": self.world.size, "global_batch": self.plan.global_batch,
                    "wall_s": wall_s, "run_dir": str(self.run_dir),
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,

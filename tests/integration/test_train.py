@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.integration.launch import mpirun_cmd, run
 
@@ -50,18 +51,58 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(vectors_dataset, tm
     assert last < first, "the loss did not go down"
 
 
-def test_crash_and_resume_reproduces_the_uninterrupted_run(vectors_dataset, tmp_path):
-    whole = train(2, vectors_dataset, tmp_path / "whole", 16, 24)
+# The large-batch optimizers, at settings where the backbone moves a few % per step.
+OPTIMIZERS = {"sgd": [],
+              "lars": ["optim.name=lars", "optim.lr=1.0", "optim.trust_coefficient=0.02"],
+              "lamb": ["optim.name=lamb", "optim.lr=0.01", "optim.eps=1e-6"]}
+
+
+def final_backbone_and_optimizer(out, steps):
+    """trainer.pt of the last checkpoint: backbone parameters and optimizer state tensors."""
+    state = torch.load(Path(out, f"checkpoints/step-{steps:08d}/trainer.pt"), weights_only=True)
+    tensors = {f"backbone.{k}": v for k, v in state["backbone"].items()}
+    for index, per_param in state["optimizer"]["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v)
+                        for k, v in per_param.items()})
+    return tensors
+
+
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_lars_and_lamb_on_two_ranks_equal_one_rank_with_the_same_global_batch(
+        vectors_dataset, tmp_path, name):
+    """The trust ratios see the summed gradient, i.e. one process's gradient: the loss traces,
+    the backbone and the optimizer state (momentum / moments / step) agree to float64
+    rounding."""
+    one = train(1, vectors_dataset, tmp_path / "one", 12, 48, *OPTIMIZERS[name])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = train(2, vectors_dataset, tmp_path / "two", 12, 24, *OPTIMIZERS[name])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_traces_equal(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-10)
+    a, b = (final_backbone_and_optimizer(tmp_path / d, 12) for d in ("one", "two"))
+    assert sorted(a) == sorted(b) and any(k.startswith("optimizer.") for k in a)
+    for key in a:
+        assert torch.allclose(a[key].double(), b[key].double(), rtol=1e-9, atol=1e-12), key
+    first, last = losses(tmp_path / "one")[0][1], losses(tmp_path / "one")[-1][1]
+    assert last < first, "the loss did not go down"
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "lamb"])
+def test_crash_and_resume_reproduces_the_uninterrupted_run(vectors_dataset, tmp_path, name):
+    whole = train(2, vectors_dataset, tmp_path / "whole", 16, 24, *OPTIMIZERS[name])
     assert whole.returncode == 0, whole.stderr[-3000:]
     crashed = train(2, vectors_dataset, tmp_path / "crash", 16, 24, "train.checkpoint_every=8",
-                    "train.crash_at_step=11")
+                    "train.crash_at_step=11", *OPTIMIZERS[name])
     assert crashed.returncode != 0
     assert "injected failure" in crashed.stderr
     assert (tmp_path / "crash/checkpoints/step-00000008/manifest.json").exists()
     resumed = train(2, vectors_dataset, tmp_path / "crash", 16, 24, "train.checkpoint_every=8",
-                    resume=True)
+                    *OPTIMIZERS[name], resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_traces_equal(losses(tmp_path / "crash"), losses(tmp_path / "whole"))
+    assert_traces_equal(losses(tmp_path / "crash"), losses(tmp_path / "whole"), rtol=1e-12)
+    a, b = (final_backbone_and_optimizer(tmp_path / d, 16) for d in ("whole", "crash"))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
     summary = json.loads((tmp_path / "crash/summary.json").read_text())
     assert summary["resumed_from"].endswith("step-00000008")
 

@@ -55,7 +55,7 @@ def test_file_then_overrides_in_order(tmp_path):
 def test_override_values_are_typed():
     cfg = load_config(None, [
         "optim.lr=1e-3", "model.resnet_blocks=[2, 3]", "optim.classifier_lr=0.5",
-        "optim.betas=[0.8,0.99]", "schedule.milestones=[10,20]",
+        "optim.name=adamw", "optim.betas=[0.8,0.99]", "schedule.milestones=[10,20]",
         "train.batch_size=32", "softmax.scale=16",
     ])
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.softmax.scale, float)

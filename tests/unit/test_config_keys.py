@@ -27,6 +27,10 @@ BASE = ["train.steps=4", "train.batch_size=16", "train.log_every=1", "train.eval
         "train.checkpoint_every=2", "model.mlp_hidden=16", "model.embedding_dim=8",
         "optim.classifier_lr=1.0", "schedule.warmup_steps=0"]
 KNN = ["softmax.mode=knn", "softmax.k=8", "knn.refresh_every=2"]
+# schedule.decay=adaptive deciding after every step (a batch of 64: the loss falls from step 3);
+# threshold 0.9: every window after the first is flat (cuts after steps 2, 3, 4).
+ADAPTIVE = ["schedule.decay=adaptive", "schedule.adaptive_window=1",
+            "schedule.adaptive_threshold=0.9", "train.batch_size=64"]
 IMAGES = ["data.path={images}", "model.backbone=resnet", "model.resnet_blocks=[1]",
           "model.resnet_width=4", "train.batch_size=8"]
 
@@ -85,6 +89,8 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
     "optim.momentum": ([], "optim.momentum=0.5"),
     "optim.weight_decay": ([], "optim.weight_decay=0.1"),
     "optim.betas": (["optim.name=adamw"], "optim.betas=[0.5,0.9]"),
+    "optim.trust_coefficient": (["optim.name=lars"], "optim.trust_coefficient=0.01"),
+    "optim.eps": (["optim.name=lamb"], "optim.eps=0.001"),
     "optim.classifier_lr": ([], "optim.classifier_lr=0.1"),
     "optim.classifier_momentum": ([], "optim.classifier_momentum=0.5"),
     "optim.classifier_weight_decay": ([], "optim.classifier_weight_decay=0.1"),
@@ -93,6 +99,12 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
     "schedule.min_lr_ratio": ([], "schedule.min_lr_ratio=0.5"),
     "schedule.milestones": (["schedule.decay=step"], "schedule.milestones=[1]"),
     "schedule.gamma": (["schedule.decay=step", "schedule.milestones=[1]"], "schedule.gamma=0.5"),
+    "schedule.adaptive_factor": (ADAPTIVE, "schedule.adaptive_factor=0.25"),
+    "schedule.adaptive_threshold": (ADAPTIVE, "schedule.adaptive_threshold=0"),
+    "schedule.adaptive_window": (ADAPTIVE, "schedule.adaptive_window=2"),
+    # Floor 0.5 reached by the cut after step 2; the flat step 3 then ends the run.
+    "schedule.adaptive_stop": (ADAPTIVE + ["schedule.min_lr_ratio=0.5"],
+                               "schedule.adaptive_stop=true"),
 }
 
 
