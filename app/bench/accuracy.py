@@ -45,6 +45,7 @@ def _train(args, data: Path, spec: str) -> dict | None:
         return None
     summary = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if "loss" in m]  # not the skip or lr-decision records
     return {"config": sets, "top1": summary["top1"], "top5": summary["top5"],
             "wall_s": time.perf_counter() - started,
             "median_samples_per_s": sorted(m["samples_per_s"] for m in metrics)[len(metrics) // 2],
