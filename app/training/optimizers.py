@@ -73,6 +73,19 @@ def _trust(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, numerator / torch.where(ok, denominator, 1.0), 1.0)
 
 
+def _closure_loss(closure):
+    """torch.optim's step(closure) convention: the closure's loss, computed with gradients."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _with_grad(param_groups):
+    """(group, parameter) for every parameter that has a gradient."""
+    return ((group, p) for group in param_groups for p in group["params"] if p.grad is not None)
+
+
 def _adapted(p: torch.Tensor) -> bool:
     """Whether `p` gets the trust ratio and weight decay: not biases or norm parameters."""
     return p.ndim >= 2
@@ -100,27 +113,21 @@ class Lars(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _closure_loss(closure)
+        for group, p in _with_grad(self.param_groups):
             wd, eta = group["weight_decay"], group["trust_coefficient"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d_p = p.grad
-                if _adapted(p):
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(d_p)
-                    trust = _trust(eta * w_norm, g_norm + wd * w_norm)
-                    d_p = d_p.add(p, alpha=wd).mul_(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d_p.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            d_p = p.grad
+            if _adapted(p):
+                w_norm = torch.linalg.vector_norm(p)
+                g_norm = torch.linalg.vector_norm(d_p)
+                trust = _trust(eta * w_norm, g_norm + wd * w_norm)
+                d_p = d_p.add(p, alpha=wd).mul_(trust)
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = d_p.clone()
+            else:
+                state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+            p.add_(state["momentum_buffer"], alpha=-group["lr"])
         return loss
 
 
@@ -144,28 +151,22 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _closure_loss(closure)
+        for group, p in _with_grad(self.param_groups):
             (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                r = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt_().add_(eps))
-                if _adapted(p):
-                    r.add_(p, alpha=wd)
-                    r.mul_(_trust(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r)))
-                p.add_(r, alpha=-group["lr"])
+            g = p.grad
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            r = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt_().add_(eps))
+            if _adapted(p):
+                r.add_(p, alpha=wd)
+                r.mul_(_trust(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r)))
+            p.add_(r, alpha=-group["lr"])
         return loss

@@ -88,6 +88,20 @@ def assert_complete_checkpoint(out, step, world_size):
     assert checkpoint.load_trainer_state(directory, manifest)["step"] == step
 
 
+def stop_after_3_steps(proc, out, send, returncode, ranks) -> tuple[int, str]:
+    """Waits for 3 logged steps, calls `send()`, and checks the job ended with `returncode`,
+    every one of `ranks` ranks stopping at the same step (>= 3) with a complete checkpoint
+    there. Returns (that step, the job's stderr)."""
+    wait_for("3 steps", lambda: steps_logged(out) >= 3, proc)
+    send()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == returncode, stderr[-3000:]
+    steps = stopped_steps(stderr)
+    assert len(steps) == ranks and len(set(steps)) == 1 and steps[0] >= 3, stderr[-3000:]
+    assert_complete_checkpoint(out, steps[0], ranks)
+    return steps[0], stderr
+
+
 def test_usr1_during_set_up_stops_after_the_first_step(vectors_dataset, tmp_path):
     out = tmp_path / "run"
     proc = start(2, vectors_dataset, out)
@@ -104,13 +118,7 @@ def test_usr1_during_set_up_stops_after_the_first_step(vectors_dataset, tmp_path
 def test_usr1_to_mpirun_waits_for_a_slow_checkpoint_and_exits_3(vectors_dataset, tmp_path):
     out = tmp_path / "run"
     proc = start(2, vectors_dataset, out, env=SLOW_CHECKPOINT)
-    wait_for("3 steps", lambda: steps_logged(out) >= 3, proc)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 3, stderr[-3000:]
-    steps = stopped_steps(stderr)
-    assert len(steps) == 2 and steps[0] == steps[1] >= 3, stderr[-3000:]
-    assert_complete_checkpoint(out, steps[0], 2)
+    _, stderr = stop_after_3_steps(proc, out, lambda: proc.send_signal(signal.SIGUSR1), 3, 2)
     # Started without the kill timeout: the user was told how to stop it without losing work.
     assert "kill -USR1 <mpirun pid>" in stderr and "odls_base_sigkill_timeout N" in stderr
 
@@ -122,19 +130,13 @@ def test_sigterm_to_mpirun_starts_the_checkpoint_on_its_sigcont(vectors_dataset,
     out = tmp_path / "run"
     proc = start(2, vectors_dataset, out, env={"HUNDREDM_FAULT_CHECKPOINT_DELAY_S": "6"},
                  mca=KILL_TIMEOUT)
-    wait_for("3 steps", lambda: steps_logged(out) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1, stderr[-3000:]
-    steps = stopped_steps(stderr)
-    assert len(steps) == 2 and steps[0] == steps[1] >= 3, stderr[-3000:]
+    step, stderr = stop_after_3_steps(proc, out, lambda: proc.send_signal(signal.SIGTERM), 1, 2)
     assert "on SIGCONT from mpirun" in stderr
-    assert_complete_checkpoint(out, steps[0], 2)
     assert "kill -USR1" not in stderr  # the timeout was set: no warning
     resumed = run(mpirun_cmd(2, "-m", "app.train", "--config", str(out / "config.yaml"),
-                             "--set", f"train.steps={steps[0] + 2}", "--resume"), timeout=120)
+                             "--set", f"train.steps={step + 2}", "--resume"), timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {checkpoint.step_dir(out, steps[0])}" in resumed.stderr
+    assert f"resuming from {checkpoint.step_dir(out, step)}" in resumed.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

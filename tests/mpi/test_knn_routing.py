@@ -16,6 +16,7 @@ from app.classifier import ShardedClassifier
 from app.classifier.knn_softmax import plan_pairs
 from app.config import OptimConfig, SoftmaxConfig
 from mpi import collectives
+from tests.mpi.shard_step import shard_step
 
 PER_RANK, DIM, STEP = 4, 6, 5
 
@@ -72,12 +73,7 @@ def product_step(world, cfg, table, feat_ND, labels_N, weight_CD, seed=11, step=
     clf = ShardedClassifier(world, num_classes, dim, cfg, OptimConfig(), seed=seed,
                             dtype=torch.float64)
     clf.set_graph(TableGraph(table))
-    clf.weight_cD.copy_(torch.from_numpy(weight_CD[clf.start:clf.stop]))
-    lo = world.rank * PER_RANK
-    feat_b = torch.tensor(feat_ND[lo:lo + PER_RANK], requires_grad=True)
-    loss, value = clf.loss(feat_b, torch.from_numpy(labels_N[lo:lo + PER_RANK]), step=step)
-    loss.backward()
-    return clf, feat_b, loss, value
+    return shard_step(world, clf, weight_CD, feat_ND, labels_N, PER_RANK, step)
 
 
 def scored_classes(world, feat_b):

@@ -13,6 +13,7 @@ import torch
 from app.classifier import ShardedClassifier
 from app.config import OptimConfig, SoftmaxConfig
 from mpi import collectives
+from tests.mpi.shard_step import shard_step
 
 RATE, PER_RANK, DIM, LR = 0.1, 4, 8, 0.5
 LOGITS = [("cosine", 0.2, "cosface"), ("cosine", 0.3, "arcface"), ("dot", 0.0, "cosface")]
@@ -53,12 +54,7 @@ def reference(feat_ND, labels_N, weight_CD, cols, cfg):
 
 def run_product(world, cfg, optim, feat_ND, labels_N, weight_CD, step):
     clf = ShardedClassifier(world, len(weight_CD), DIM, cfg, optim, seed=3, dtype=torch.float64)
-    clf.weight_cD.copy_(torch.from_numpy(weight_CD[clf.start:clf.stop]))
-    lo = world.rank * PER_RANK
-    feat_b = torch.tensor(feat_ND[lo:lo + PER_RANK], requires_grad=True)
-    loss, value = clf.loss(feat_b, torch.from_numpy(labels_N[lo:lo + PER_RANK]), step=step)
-    loss.backward()
-    return clf, feat_b, loss, value
+    return shard_step(world, clf, weight_CD, feat_ND, labels_N, PER_RANK, step)
 
 
 @pytest.mark.parametrize("logit,margin,margin_type", LOGITS)
