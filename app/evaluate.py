@@ -20,28 +20,40 @@ from app.model import as_input
 def evaluate(world, backbone, classifier, reader, max_samples: int = 0, dtype=torch.float32) -> dict:
     """Each rank embeds its part of the val split; `global_topk` scores every feature against
     every class (each rank its rows, candidates merged). Returns global counts and accuracies,
-    identical on all ranks."""
+    identical on all ranks.
+
+    On a dataset grown from an earlier version (dataset.json's `lineage`), top-1 is also split by
+    the sample's class: `top1_old` over the classes of the parent version (ids below its class
+    count), `top1_new` over the classes added since, with `num_samples_old` / `num_samples_new`;
+    forgetting of the old classes shows there, not in the mean."""
     from mpi import collectives  # noqa: PLC0415
 
     was_training = backbone.training
     backbone.eval()
-    correct1 = correct5 = seen = 0
+    lineage = reader.dataset_info.lineage
+    old_classes = lineage[0].num_classes if lineage else 0
+    counts = torch.zeros(5, dtype=torch.int64)  # top-1, top-5, seen, top-1 old, seen old
     for batch in reader.one_epoch():
         feat_bD = backbone(as_input(batch.inputs, dtype))
         _, ids_bk = global_topk(world, classifier, feat_bD.to(classifier.weight_cD.dtype), 5)
         labels_b = torch.from_numpy(batch.labels)
         if ids_bk.shape[0]:
-            correct1 += int((ids_bk[:, 0] == labels_b).sum())
-            correct5 += int((ids_bk == labels_b.unsqueeze(1)).any(dim=1).sum())
-        seen += int(labels_b.shape[0])
+            hit1_b = ids_bk[:, 0] == labels_b
+            old_b = labels_b < old_classes
+            counts += torch.stack([hit1_b.sum(), (ids_bk == labels_b.unsqueeze(1)).any(dim=1).sum(),
+                                   torch.tensor(labels_b.shape[0]), (hit1_b & old_b).sum(),
+                                   old_b.sum()])
         # Every rank takes part in every batch's collectives, so the stop decision is global.
-        if max_samples and int(collectives.allreduce(world, torch.tensor([seen]))[0]) >= max_samples:
+        if max_samples and int(collectives.allreduce(world, counts[2:3].clone())[0]) >= max_samples:
             break
     backbone.train(was_training)
-    totals = collectives.allreduce(world, torch.tensor([correct1, correct5, seen], dtype=torch.int64))
-    c1, c5, n = (int(v) for v in totals)
-    return {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "num_samples": n,
-            "num_classes": classifier.num_classes}
+    c1, c5, n, c1_old, n_old = (int(v) for v in collectives.allreduce(world, counts))
+    result = {"top1": c1 / max(n, 1), "top5": c5 / max(n, 1), "num_samples": n,
+              "num_classes": classifier.num_classes}
+    if old_classes:
+        result.update(top1_old=c1_old / max(n_old, 1), top1_new=(c1 - c1_old) / max(n - n_old, 1),
+                      num_samples_old=n_old, num_samples_new=n - n_old)
+    return result
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -409,6 +409,9 @@ class Trainer:
         self.log.info("eval step %d: top1 %.4f top5 %.4f over %d classes (%d samples)", step,
                       result["top1"], result["top5"], result["num_classes"],
                       result["num_samples"])
+        if "top1_old" in result:
+            self.log.info("eval step %d: top1 %.4f over the parent's classes, %.4f over the new "
+                          "ones", step, result["top1_old"], result["top1_new"])
         return result
 
     def _save(self, step: int) -> None:

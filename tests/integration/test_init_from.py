@@ -230,3 +230,34 @@ def test_knn_graph_over_all_rows_and_the_same_dataset(data):
     same = train(1, data["old"], data["root"] / "same", 1, 12, init_from=data["run"])
     assert same.returncode == 0, same.stderr[-3000:]
     assert "the run's own dataset" in same.stderr + same.stdout
+
+
+def test_eval_splits_top1_into_old_and_new_classes(data):
+    """On a grown dataset eval.jsonl also holds top-1 over the parent's classes and over the new
+    ones; both equal a float64 reference from the final checkpoint (every val sample, cosine
+    scores against every row), and the run on the parent's own dataset has no split."""
+    from app.backbones import build_backbone
+    from app.config import load_config
+
+    out = data["root"] / "init3"  # 3 ranks, 2 steps (the first test)
+    record = json.loads((out / "eval.jsonl").read_text().splitlines()[-1])
+    ckpt = out / "checkpoints/step-00000002"
+    net = build_backbone(load_config(None, BASE).model, (DIM,)).to(torch.float64)
+    net.load_state_dict(torch.load(ckpt / "trainer.pt", weights_only=True)["backbone"])
+    net.eval()
+    shards = sorted(Path(data["new"], "val").glob("shard-*.h5"))
+    x = np.concatenate([h5py.File(s, "r")["inputs"][:] for s in shards])
+    y = np.concatenate([h5py.File(s, "r")["labels"][:] for s in shards])
+    with torch.no_grad():
+        feat = net(torch.from_numpy(x).to(torch.float64)).numpy()
+    w = rows(ckpt).astype(np.float64)
+    scores = (feat / np.linalg.norm(feat, axis=1, keepdims=True)) @ (
+        w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    hit = scores.argmax(axis=1) == y
+    old = y < OLD_CLASSES
+    assert record["num_samples_old"] == old.sum() and record["num_samples_new"] == (~old).sum()
+    assert record["top1_old"] == pytest.approx(hit[old].mean(), abs=1e-12)
+    assert record["top1_new"] == pytest.approx(hit[~old].mean(), abs=1e-12)
+    assert record["top1"] == pytest.approx(hit.mean(), abs=1e-12)
+    parent = json.loads((data["run"] / "eval.jsonl").read_text().splitlines()[-1])
+    assert "top1_old" not in parent and "top1" in parent
