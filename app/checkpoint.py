@@ -56,9 +56,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # -- writing ------------------------------------------------------------------------------------
 
 def save(world, run_dir: Path, step: int, classifier, trainer_state: dict, data_position: dict,
-         config_hash: str, keep: int) -> Path:
+         config_hash: str, keep: int, dataset: dict | None = None) -> Path:
     """Collective: every rank writes its classifier rows, rank 0 the replicated state; after a
-    barrier rank 0 writes the manifest and deletes all but the newest `keep` checkpoints."""
+    barrier rank 0 writes the manifest and deletes all but the newest `keep` checkpoints.
+    `dataset` (rank 0's; path, classes_sha256, num_classes of the run's dataset) goes into the
+    manifest, so that a later --init-from knows which classes the rows are without that
+    dataset."""
     directory = step_dir(run_dir, step)
     if world.is_root:
         if directory.exists():  # a leftover of a crash during an earlier save of this step
@@ -81,6 +84,8 @@ def save(world, run_dir: Path, step: int, classifier, trainer_state: dict, data_
             "trainer_state": TRAINER_STATE, "data_position": data_position,
             "config_hash": config_hash, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if dataset is not None:
+            manifest["dataset"] = dataset
         write_json_atomic(directory / MANIFEST, manifest, sort_keys=True)
         _prune(run_dir, keep, current=directory)
     world.barrier()

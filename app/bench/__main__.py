@@ -7,6 +7,9 @@ the exact command that produced them) and a PNG.
   accuracy  top-1 over all classes of full / sampled / knn (several K and random negatives) on
             the structured synthetic data at equal steps (each configuration one training run)
   graph     KNN graph build time and recall@K (app/bench/graph.py)
+  continual convergence on a grown catalogue: steps to a target top-1 from scratch, from an
+            earlier run (random or centre rows, adaptive schedule, LARS at a larger batch)
+            (app/bench/continual.py)
   knn       the KNN softmax benchmark: runs the parts above with the settings the KNN softmax
             is judged by (--parts; none = only the summary), then checks its targets against
             their newest results and writes knn_targets.json / .png
@@ -78,6 +81,12 @@ def parser() -> argparse.ArgumentParser:
                                        help="top-1 of the softmax modes at equal steps"))
     g = sub.add_parser("graph", help="KNN graph build time and recall (app/bench/graph.py)")
     g.add_argument("rest", nargs=argparse.REMAINDER)
+    c = sub.add_parser("continual", help="continuous convergence on a grown catalogue "
+                                         "(app/bench/continual.py)")
+    from app.bench import continual  # noqa: PLC0415 - imports nothing heavy
+
+    continual.arguments(c)
+    _results_argument(c)
     _knn_arguments(sub.add_parser("knn", help="the KNN softmax benchmark: accuracy, step and "
                                               "graph parts, then its targets (knn_targets.json "
                                               "/ .png)"))
@@ -97,6 +106,10 @@ def main(argv=None) -> int:
     args.argv = argv
     if args.what == "knn":
         return knn.run(args, run_part=main)
+    if args.what == "continual":
+        from app.bench import continual  # noqa: PLC0415
+
+        return continual.run(args)
     if args.what == "step":
         from app.bench import step  # noqa: PLC0415
 

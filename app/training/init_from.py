@@ -27,7 +27,8 @@ from app import checkpoint
 from app.classifier.centres import imprint, train_centres
 from app.config import load_config
 from common.files import write_text_atomic
-from data_prep.format import DatasetError, load_dataset_info, read_classes
+from data_prep.format import (CLASSES_NAME, Ancestor, DatasetError, load_dataset_info,
+                              read_classes)
 from data_prep.lineage import ancestor_of, descends_from
 from mpi.agree import agree, decide_on_root
 
@@ -99,8 +100,7 @@ def check_source(cfg, given: str) -> Source:
         raise ValueError(f"--init-from {given}: the run's config cannot be used ({exc}); "
                          f"name a checkpoint inside a run directory") from None
     _check_model(directory, manifest, run_dir, old_cfg.model, cfg.model)
-    num_old, relation = _check_dataset(run_dir, old_cfg.data.path, int(manifest["num_classes"]),
-                                       cfg.data.path)
+    num_old, relation = _check_dataset(run_dir, old_cfg.data.path, manifest, cfg.data.path)
     return Source(str(directory), int(manifest["step"]), num_old, relation)
 
 
@@ -116,17 +116,33 @@ def _check_model(directory: Path, manifest: dict, run_dir: Path, old, new) -> No
                              f"backbone (set model.{key}={getattr(old, key)!r})")
 
 
-def _check_dataset(run_dir: Path, old_path: str, num_saved: int, new_path: str) -> tuple[int, str]:
-    """(C_old, the relation in words) of the old run's dataset and the new one."""
+def _old_dataset(run_dir: Path, old_path: str, manifest: dict) -> tuple[Ancestor, bool]:
+    """The checkpoint's dataset as a lineage entry, and whether its classes.tsv is there to read.
+    Where the old dataset has moved or is gone, the checkpoint manifest's `dataset` record
+    (sha256 and class count of its classes.tsv) stands for it."""
+    recorded = manifest.get("dataset")
+    num_saved = int(manifest["num_classes"])
     try:
-        old_info = load_dataset_info(old_path)
-        old = ancestor_of(old_path, old_info)
+        old = ancestor_of(old_path, load_dataset_info(old_path))
     except DatasetError as exc:
-        raise ValueError(f"{run_dir / 'config.yaml'}: the run's dataset data.path={old_path} "
-                         f"cannot be checked ({exc})") from None
+        if not recorded:
+            raise ValueError(f"{run_dir / 'config.yaml'}: the run's dataset data.path={old_path} "
+                             f"cannot be checked ({exc})") from None
+        return Ancestor(recorded["path"], recorded["classes_sha256"], num_saved), False
+    if recorded and recorded["classes_sha256"] != old.classes_sha256:
+        raise ValueError(f"{Path(old_path) / CLASSES_NAME}: changed since the checkpoint was "
+                         f"written (sha256 {old.classes_sha256[:12]}... there, "
+                         f"{recorded['classes_sha256'][:12]}... in its manifest); the run's "
+                         f"data.path was rebuilt or replaced")
     if old.num_classes != num_saved:
         raise ValueError(f"{run_dir}: its checkpoint has {num_saved} classes but its dataset "
                          f"{old_path} has {old.num_classes}; the run's data.path was changed")
+    return old, True
+
+
+def _check_dataset(run_dir: Path, old_path: str, manifest: dict, new_path: str) -> tuple[int, str]:
+    """(C_old, the relation in words) of the old run's dataset and the new one."""
+    old, readable = _old_dataset(run_dir, old_path, manifest)
     new_info = load_dataset_info(new_path)
     new = ancestor_of(new_path, new_info)
     if new.classes_sha256 == old.classes_sha256:
@@ -136,6 +152,9 @@ def _check_dataset(run_dir: Path, old_path: str, num_saved: int, new_path: str) 
         raise ValueError(f"{Path(new_path) / 'dataset.json'}: data.path does not descend from "
                          f"the dataset {old_path} of {run_dir}: {why}; build it with "
                          f"--grow-from {old_path}")
+    if not readable:  # the lineage entry's sha256 is that classes.tsv: --grow-from kept its ids
+        return old.num_classes, (f"{why} (checked by the sha256 the checkpoint records: "
+                                 f"{old_path} is not there to read)")
     old_keys, _ = read_classes(old_path, old.num_classes)
     new_keys, _ = read_classes(new_path, new_info.num_classes)
     for i, key in enumerate(old_keys):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from app.training.run_dir import RunLock, check_run_dir, prepare_run_dir, repair
 from app.training.schedule import LRSchedule
 from app.training.stop import StopRequest, mpirun_sigterm_warning
 from common.files import write_text_atomic
+from data_prep.lineage import ancestor_of
 from data_prep.reader import ShardedReader
 from mpi.agree import agree, decide_on_root
 
@@ -86,6 +88,7 @@ class Trainer:
         self.schedule = LRSchedule(cfg.optim.lr, cfg.schedule, cfg.train.steps)
         self.classifier_lr_ratio = (cfg.optim.classifier_lr or cfg.optim.lr) / cfg.optim.lr
         self.graphs = None
+        self._dataset = None  # the manifest's dataset record (rank 0, _dataset_record)
         if cfg.softmax.mode == "knn":
             self.graphs = GraphRefresher(world, cfg.knn, cfg.softmax.k, self.run_dir,
                                          self.reader.num_classes, cfg.seed,
@@ -414,6 +417,16 @@ class Trainer:
                           "ones", step, result["top1_old"], result["top1_new"])
         return result
 
+    def _dataset_record(self) -> dict | None:
+        """Rank 0: the run's dataset as the manifest records it (data_prep.lineage.ancestor_of;
+        classes.tsv is hashed once per run where dataset.json has no classes_sha256)."""
+        if not self.world.is_root:
+            return None
+        if self._dataset is None:
+            self._dataset = asdict(ancestor_of(self.cfg.data.path, self.reader.dataset_info,
+                                               verify=False))
+        return self._dataset
+
     def _save(self, step: int) -> None:
         state = {"step": step, "backbone": self.backbone.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
@@ -421,6 +434,6 @@ class Trainer:
                  "knn": self.graphs.state_dict() if self.graphs is not None else None}
         path = checkpoint.save(self.world, self.run_dir, step, self.classifier, state,
                                self.reader.state_dict(), config_hash(self.cfg),
-                               self.cfg.train.keep_checkpoints)
+                               self.cfg.train.keep_checkpoints, self._dataset_record())
         self.log.info("checkpoint %s", path)
 

@@ -261,3 +261,26 @@ def test_eval_splits_top1_into_old_and_new_classes(data):
     assert record["top1"] == pytest.approx(hit.mean(), abs=1e-12)
     parent = json.loads((data["run"] / "eval.jsonl").read_text().splitlines()[-1])
     assert "top1_old" not in parent and "top1" in parent
+
+
+def test_old_dataset_moved_away_or_rebuilt(data):
+    """The checkpoint manifest records its dataset (classes.tsv sha256): with the old dataset
+    gone, --init-from checks the new one's lineage against that record and starts; with the old
+    dataset rebuilt in place (another classes.tsv), it refuses in one line."""
+    root = data["root"]
+    moved = root / "old-copy"
+    shutil.copytree(data["old"], moved)
+    source = root / "copyrun"
+    assert train(1, moved, source, 2, 12).returncode == 0
+    manifest = json.loads((source / "checkpoints/step-00000002/manifest.json").read_text())
+    old_info = json.loads((data["old"] / "dataset.json").read_text())
+    assert manifest["dataset"]["classes_sha256"] == old_info["classes_sha256"]
+    assert manifest["dataset"]["num_classes"] == OLD_CLASSES
+    shutil.rmtree(moved)
+    proc = train(1, data["new"], root / "fromgone", 1, 12, init_from=source)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is not there to read" in proc.stderr + proc.stdout
+    make_dataset(moved, classes=OLD_CLASSES, per_class=9, val_per_class=2, dim=DIM)
+    proc = train(1, data["new"], root / "fromrebuilt", 1, 12, init_from=source)
+    assert proc.returncode == 2 and "changed since the checkpoint was written" in proc.stderr
+    assert not (root / "fromrebuilt/checkpoints").exists()
