@@ -170,6 +170,8 @@ class GraphRefresher:
                                 nprobe=self.cfg.nprobe, seed=self.seed, init=previous)
             recall = recall_at_k(world, rows_cD, start, self.num_classes, graph,
                                  seed=self.seed + step)
+        if world is not self.world:  # the file says how it was made (attribute index_detail)
+            graph.detail += "; built beside the training loop (knn.refresh_mode=background)"
         if world.is_root:
             self.dir.mkdir(parents=True, exist_ok=True)
         world.barrier()
