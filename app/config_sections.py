@@ -93,6 +93,13 @@ class KnnConfig:
     nprobe: IVF lists searched per query.
     init: the graph before the first rebuild: from the classes' mean features (`centres`) or
         from the random initial weights (`random`).
+    refresh_mode: how a refresh builds from its snapshot of the rows (taken at the boundary
+        before its step s): `sync` in the loop, which stops for the whole build; `background`
+        in a thread of each rank beside the loop (needs knn.refresh_lag >= 1).
+    refresh_lag: the refresh of step s is swapped in by every rank before step s + lag,
+        waiting there for a build that has not finished (`graph_wait_s` in metrics.jsonl).
+        0 = at once (sync only); at most knn.refresh_every. Both modes train identically
+        for the same lag.
     """
 
     refresh_every: int = 100
@@ -100,6 +107,8 @@ class KnnConfig:
     index: str = "auto"
     nprobe: int = 16
     init: str = "centres"
+    refresh_mode: str = "sync"
+    refresh_lag: int = 0
 
     def __post_init__(self) -> None:
         _check_at_least("knn.refresh_every", self.refresh_every, 1)
@@ -107,6 +116,12 @@ class KnnConfig:
         _check_choice("knn.index", self.index, ("flat", "ivf", "hnsw", "auto"))
         _check_at_least("knn.nprobe", self.nprobe, 1)
         _check_choice("knn.init", self.init, ("centres", "random"))
+        _check_choice("knn.refresh_mode", self.refresh_mode, ("sync", "background"))
+        if not 0 <= self.refresh_lag <= self.refresh_every:
+            _fail("knn.refresh_lag", self.refresh_lag, "in [0, knn.refresh_every]")
+        if self.refresh_mode == "background" and self.refresh_lag < 1:
+            raise ValueError("knn.refresh_lag: 0 leaves a background build no steps to run "
+                             "beside; set knn.refresh_lag >= 1 or knn.refresh_mode=sync")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,6 +82,15 @@ class World:
             self.comm.Abort(code)
         os._exit(code)
 
+    def duplicate(self) -> World:
+        """Collective: this World on a duplicate of its communicator (MPI_Comm_dup), with its
+        own traffic counters and no Horovod, for a thread of this rank that communicates
+        beside the main thread (the background KNN graph build): messages on the duplicate
+        never match those of the main thread. Needs MPI_THREAD_MULTIPLE (`thread_multiple`).
+        One rank without MPI: a copy that shares nothing mutable."""
+        comm = self.comm.Dup() if self.comm is not None else None
+        return replace(self, comm=comm, hvd=None, traffic=Traffic())
+
     def shutdown(self) -> None:
         """Orderly end: stop Horovod's background thread before MPI finalises at exit."""
         if self.hvd is not None:
@@ -91,6 +100,22 @@ class World:
 
 def launched_by_mpi() -> bool:
     return any(name in os.environ for name in _LAUNCHER_ENV)
+
+
+def thread_multiple(world: World) -> str | None:
+    """None if threads of this rank may call MPI concurrently (MPI_THREAD_MULTIPLE, what
+    mpi4py requests and Horovod also needs), else the thread level the library provides, in
+    words. Local (no communication)."""
+    if world.comm is None or world.size == 1:
+        return None
+    from mpi4py import MPI  # noqa: PLC0415
+
+    provided = MPI.Query_thread()
+    if provided == MPI.THREAD_MULTIPLE:
+        return None
+    names = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
+             MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED"}
+    return names.get(provided, str(provided))
 
 
 def _threads_per_rank(local_size: int) -> int:

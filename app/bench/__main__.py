@@ -10,6 +10,8 @@ the exact command that produced them) and a PNG.
   continual convergence on a grown catalogue: steps to a target top-1 from scratch, from an
             earlier run (random or centre rows, adaptive schedule, LARS at a larger batch)
             (app/bench/continual.py)
+  refresh   step time (mean, median, p99) with a sync against a background KNN graph refresh
+            (app/bench/refresh.py)
   knn       the KNN softmax benchmark: runs the parts above with the settings the KNN softmax
             is judged by (--parts; none = only the summary), then checks its targets against
             their newest results and writes knn_targets.json / .png
@@ -64,6 +66,23 @@ def _accuracy_arguments(a: argparse.ArgumentParser) -> None:
     _results_argument(a)
 
 
+def _refresh_arguments(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--classes", type=int, default=100_000)
+    r.add_argument("--per-class", type=int, default=2)
+    r.add_argument("--data", default="data/bench-refresh-100k")
+    r.add_argument("--runs", default="runs/bench-refresh")
+    r.add_argument("--config", default="configs/demo.yaml")
+    r.add_argument("--np", type=int, default=2)
+    r.add_argument("--steps", type=int, default=160)
+    r.add_argument("--batch", type=int, default=128)
+    r.add_argument("--k", type=int, default=64)
+    r.add_argument("--index", default="auto")
+    r.add_argument("--refresh-every", type=int, default=50)
+    r.add_argument("--lag", type=int, default=50, help="knn.refresh_lag of the background run")
+    r.add_argument("--name", default="knn_refresh_100k")
+    _results_argument(r)
+
+
 def _knn_arguments(k: argparse.ArgumentParser) -> None:
     k.add_argument("--parts", nargs="*", default=list(knn.KNN_PARTS), choices=list(knn.KNN_PARTS),
                    help="parts to run before the summary (default: all; none: only the "
@@ -90,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     _knn_arguments(sub.add_parser("knn", help="the KNN softmax benchmark: accuracy, step and "
                                               "graph parts, then its targets (knn_targets.json "
                                               "/ .png)"))
+    _refresh_arguments(sub.add_parser("refresh", help="step time with a sync against a "
+                                                      "background KNN graph refresh"))
     return p
 
 
@@ -114,6 +135,10 @@ def main(argv=None) -> int:
         from app.bench import step  # noqa: PLC0415
 
         return step.run(args)
+    if args.what == "refresh":
+        from app.bench import refresh  # noqa: PLC0415
+
+        return refresh.run(args)
     from app.bench import accuracy  # noqa: PLC0415 - the one left: graph was handed on above
 
     return accuracy.run(args)

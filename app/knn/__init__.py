@@ -13,7 +13,9 @@ Modules:
   recall.py        `recall_at_k` against exact search on a sample
   random_graph.py  `random_graph`
   graph_file.py    the file: `write_graph` (collective) and `GraphFile` (memory-mapped reader)
-  refresh.py       `GraphRefresher`: the graph lifecycle of a training run
+  refresh.py       `GraphRefresher`: the graph lifecycle of a training run (refresh from a
+                   snapshot of the rows, swapped in at a fixed step)
+  background.py    the refresh's build in a thread beside the training loop
   cli.py           `python -m app.knn_graph`
 
 Legend (throughout): c = this rank's classes (rows), C = all classes, D = embedding dim, K =

@@ -10,7 +10,8 @@ class MetricsWindow:
 
     def __init__(self):
         self.steps, self.seconds, self.loss, self.rows, self.hvd_wait = 0, 0.0, 0.0, 0, 0.0
-        self.knn_build_s = 0.0
+        self.knn_build_s = 0.0  # seconds of the KNN graph builds finished in the window
+        self.graph_wait_s = 0.0  # seconds the loop waited for a KNN graph
 
     def add(self, seconds: float, loss: float, rows: int, hvd_wait: float) -> None:
         self.steps += 1
@@ -31,7 +32,7 @@ class MetricsWindow:
             "step_time_s": self.seconds / n, "comm_time_s": (comm_s + self.hvd_wait) / n,
             "bytes_sent": sent // n + grad_bytes, "grad_bytes_sent": grad_bytes,
             "rows_updated": self.rows // n, "peak_rss_mb": round(peak_rss_mb(), 1),
-            "knn_build_s": self.knn_build_s,
+            "knn_build_s": self.knn_build_s, "graph_wait_s": self.graph_wait_s,
         }
         self.__init__()
         return record

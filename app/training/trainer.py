@@ -195,10 +195,12 @@ class Trainer:
                 break
             if step == cfg.train.crash_at_step:
                 raise RuntimeError(f"train.crash_at_step={step}: injected failure")
-            if self.graphs is not None and self.graphs.due(step):
-                # Synchronous refresh at a step boundary: the next step uses the new graph.
-                window.knn_build_s += self.graphs.build(step, self.classifier,
-                                                        self.classifier.weight_cD, "refresh")
+            if self.graphs is not None:
+                # Step boundary: swap in a refresh whose lag is over, start a due one.
+                self.graphs.at_boundary(step, self.classifier)
+                built_s, wait_s = self.graphs.take_times()
+                window.knn_build_s += built_s
+                window.graph_wait_s += wait_s
             t0 = time.perf_counter()
             lr = self.schedule(step)
             value, rows, hvd_wait = self._step(step, lr)
@@ -384,6 +386,8 @@ class Trainer:
                 last_eval: dict | None, evals: JsonLines, wall_s: float) -> dict:
         """The run's summary (written to summary.json unless it was stopped early)."""
         self.reader.close()
+        if self.graphs is not None:
+            self.graphs.close()
         if stopped_at is not None:
             self.val_reader.close()
             return {"stopped_at": stopped_at, "signal": signal_name, "run_dir": str(self.run_dir)}

@@ -13,7 +13,7 @@ from app.training.schedule import LRSchedule
 from tests.integration.test_train import train
 
 FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "step_time_s", "comm_time_s",
-          "bytes_sent", "grad_bytes_sent", "peak_rss_mb")
+          "bytes_sent", "grad_bytes_sent", "peak_rss_mb", "graph_wait_s")
 RUN = ["train.dtype=float32", "train.log_every=2", "softmax.mode=sampled",
        "softmax.sample_rate=0.5"]
 
@@ -56,4 +56,5 @@ def test_metrics_lines_hold_the_contract_fields_with_their_values(two_runs, vect
         assert r["bytes_sent"] >= grad_bytes + 24 * (cfg.model.embedding_dim * 4 + 8)
         assert r["samples_per_s"] > 0 and r["step_time_s"] > 0 and r["comm_time_s"] >= 0
         assert 10 < r["peak_rss_mb"] < 24 * 1024
+        assert r["graph_wait_s"] == 0  # no KNN graph in sampled mode (knn: test_knn_refresh.py)
         assert torch.isfinite(torch.tensor(r["loss"]))

@@ -81,6 +81,11 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
     "knn.index": (KNN, "knn.index=hnsw"),
     "knn.nprobe": (KNN + ["knn.index=ivf"], "knn.nprobe=1"),
     "knn.init": (KNN, "knn.init=random"),
+    # The refresh of step 2 is swapped in before step 3 instead of 2: other losses.
+    "knn.refresh_lag": (KNN, "knn.refresh_lag=1"),
+    # The same training (tests/mpi/test_knn_refresh.py); the build ran in a thread beside the
+    # loop, which the graph file's index_detail records.
+    "knn.refresh_mode": (KNN + ["knn.refresh_lag=1"], "knn.refresh_mode=background"),
     "comm.gradients": ([], "comm.gradients=sparse"),
     "comm.sparse_ratio": ([], "comm.sparse_ratio=0.1"),
     "comm.overlap": ([], "comm.overlap=true"),
@@ -164,7 +169,8 @@ def digest(a: np.ndarray) -> str:
 def files_fingerprint(run_dir: Path) -> dict:
     """Metrics without timings, evaluations, checkpoint names, graph files (config.yaml, which
     records every key whatever it does, is left out)."""
-    timing = ("samples_per_s", "step_time_s", "comm_time_s", "peak_rss_mb", "knn_build_s")
+    timing = ("samples_per_s", "step_time_s", "comm_time_s", "peak_rss_mb", "knn_build_s",
+              "graph_wait_s")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     metrics = [{k: v for k, v in line.items() if k not in timing} for line in lines]
     evals = (run_dir / "eval.jsonl").read_text()
