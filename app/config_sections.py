@@ -116,7 +116,8 @@ class CommConfig:
     gradients: `dense` (Horovod's allreduce of every backbone gradient) or `sparse` (Deep
         Gradient Compression on our own (int32 index, value) exchange: per tensor the top
         `sparse_ratio` share of the accumulated gradient is sent, the rest stays in a per-rank
-        residual for later steps; app/training/sparse_grad.py).
+        residual for later steps; app/training/sparse_grad.py). On one rank nothing is
+        exchanged but the selection and the residuals still shape the update.
     sparse_ratio: share of each sparse tensor's entries a rank sends per step (sparse only).
         1.0 sends everything: the same step as dense.
     sparse_warmup_steps: over these first steps the share falls geometrically from 1 to
