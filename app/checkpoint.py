@@ -8,6 +8,8 @@ Layout of `out_dir/checkpoints/step-NNNNNNNN/`:
   trainer.pt                      backbone, backbone optimizer, schedule, RNG, KNN graph state
                                   (rank 0; replicated); plain tensors and numbers only, read
                                   with `torch.load(weights_only=True)`
+  ranks/rank-NNNNN.pt             per-rank state (the sparse-gradient residuals), one file per
+                                  rank, only when the run has some (manifest `rank_states`)
   manifest.json                   written LAST by atomic rename: a directory without it is
                                   incomplete and ignored (and cleaned up by the next save)
 The manifest records step, world size, class ranges, data position and the config hash; the
@@ -56,12 +58,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # -- writing ------------------------------------------------------------------------------------
 
 def save(world, run_dir: Path, step: int, classifier, trainer_state: dict, data_position: dict,
-         config_hash: str, keep: int, dataset: dict | None = None) -> Path:
-    """Collective: every rank writes its classifier rows, rank 0 the replicated state; after a
-    barrier rank 0 writes the manifest and deletes all but the newest `keep` checkpoints.
-    `dataset` (rank 0's; path, classes_sha256, num_classes of the run's dataset) goes into the
-    manifest, so that a later --init-from knows which classes the rows are without that
-    dataset."""
+         config_hash: str, keep: int, rank_state: dict | None = None,
+         dataset: dict | None = None) -> Path:
+    """Collective: every rank writes its classifier rows (and its `rank_state`, when given:
+    None on every rank or on none), rank 0 the replicated state; after a barrier rank 0 writes
+    the manifest and deletes all but the newest `keep` checkpoints. `dataset` (rank 0's; path,
+    classes_sha256, num_classes of the run's dataset) goes into the manifest, so that a later
+    --init-from knows which classes the rows are without that dataset."""
     directory = step_dir(run_dir, step)
     if world.is_root:
         if directory.exists():  # a leftover of a crash during an earlier save of this step
@@ -69,8 +72,14 @@ def save(world, run_dir: Path, step: int, classifier, trainer_state: dict, data_
         directory.mkdir(parents=True)
     world.barrier()
     entry = write_rows(directory, classifier.start, classifier.stop, classifier.state_arrays())
+    if rank_state is not None:
+        entry["rank_state"] = f"ranks/rank-{world.rank:05d}.pt"
+        (directory / "ranks").mkdir(exist_ok=True)
+        with atomic_path(directory / entry["rank_state"]) as tmp:
+            torch.save(rank_state, tmp)
     _injected_delay()
     entries = collectives.allgather_object(world, entry)
+    rank_files = [e.pop("rank_state") for e in entries if "rank_state" in e]
     if world.is_root:
         with atomic_path(directory / TRAINER_STATE) as tmp:
             torch.save(trainer_state, tmp)
@@ -83,6 +92,7 @@ def save(world, run_dir: Path, step: int, classifier, trainer_state: dict, data_
             "class_ranges": [[e["start"], e["stop"]] for e in entries], "classifier": entries,
             "trainer_state": TRAINER_STATE, "data_position": data_position,
             "config_hash": config_hash, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"rank_states": rank_files} if rank_files else {}),
         }
         if dataset is not None:
             manifest["dataset"] = dataset
@@ -232,12 +242,25 @@ def restore(directory: Path, num_classes: int, embedding_dim: int, classifier) -
 
 def load_trainer_state(directory: Path, manifest: dict) -> dict:
     """The replicated trainer state (plain tensors and numbers; no code is unpickled)."""
-    path = Path(directory) / manifest["trainer_state"]
+    return _load_plain(Path(directory) / manifest["trainer_state"], "trainer state")
+
+
+def read_rank_states(directory: Path, manifest: dict, rank: int, size: int) -> list[dict]:
+    """The per-rank states (`rank_states` in the manifest) for `rank` of a `size`-rank run:
+    those of the old ranks r' with r' mod size == rank, i.e. its own on the same world size
+    (none when the checkpoint has none). ValueError naming a missing or damaged file."""
+    files = manifest.get("rank_states", [])
+    return [_load_plain(Path(directory) / name, "per-rank state")
+            for old, name in enumerate(files) if old % size == rank]
+
+
+def _load_plain(path: Path, what: str) -> dict:
+    """A torch file of plain tensors and numbers (no code is unpickled)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: cannot read trainer state ({first}); the checkpoint is "
+        raise ValueError(f"{path}: cannot read {what} ({first}); the checkpoint is "
                          f"damaged, use an older one") from None
 
 

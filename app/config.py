@@ -293,6 +293,9 @@ class Config:
     def __post_init__(self) -> None:
         _check_at_least("seed", self.seed, 0)
         _check_not_empty("out_dir", self.out_dir)
+        if self.comm.momentum_correction and self.optim.name != "sgd":
+            raise ValueError(f"comm.momentum_correction: needs optim.name=sgd (it replaces the "
+                             f"optimizer's momentum), got optim.name={self.optim.name!r}")
 
 
 def load_config(path: str | None, overrides: list[str]) -> Config:

@@ -126,29 +126,47 @@ class KnnConfig:
 
 @dataclass(frozen=True)
 class CommConfig:
-    """Backbone-gradient communication. Only the defaults are available in this version: the
-    backbone gradients go through Horovod's dense allreduce and nothing overlaps; other values
-    are refused (the sparse exchange and the overlapping pipeline are planned, not built).
+    """Backbone-gradient communication (app/training/data_parallel.py).
 
-    gradients: `dense` (Horovod allreduce); `sparse` (top-k with residual accumulation,
-        exchanged as (index, value) pairs) is not available yet.
-    sparse_ratio: share of gradient entries each rank sends per step in sparse mode (not
-        available yet: only the default 0.01 is accepted).
+    gradients: `dense` (Horovod's allreduce of every backbone gradient) or `sparse` (Deep
+        Gradient Compression on our own (int32 index, value) exchange: per tensor the top
+        `sparse_ratio` share of the accumulated gradient is sent, the rest stays in a per-rank
+        residual for later steps; app/training/sparse_grad.py). On one rank nothing is
+        exchanged but the selection and the residuals still shape the update.
+    sparse_ratio: share of each sparse tensor's entries a rank sends per step (sparse only).
+        1.0 sends everything: the same step as dense.
+    sparse_warmup_steps: over these first steps the share falls geometrically from 1 to
+        sparse_ratio (DGC's warm-up; 0 = none; sparse only).
+    dense_below: tensors with fewer entries (biases, norm parameters) are summed densely in
+        sparse mode (one allreduce of their concatenation).
+    momentum_correction: DGC's momentum correction and masking (sparse only, optim.name=sgd):
+        each rank accumulates its own momentum (optim.momentum, with optim.weight_decay added
+        to its gradient) before the selection, and the optimizer applies plain SGD to the
+        exchanged sum. Off: residuals accumulate gradients and the optimizer's own momentum
+        acts on the exchanged sum.
     overlap: overlap the communication of one micro-batch with the compute of the next (not
         available yet: only false is accepted).
     """
 
     gradients: str = "dense"
     sparse_ratio: float = 0.01
+    sparse_warmup_steps: int = 0
+    dense_below: int = 1024
+    momentum_correction: bool = False
     overlap: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("comm.gradients", self.gradients, ("dense", "sparse"))
         _check_fraction("comm.sparse_ratio", self.sparse_ratio)
-        for key, value, default in (("gradients", self.gradients, "dense"),
-                                    ("sparse_ratio", self.sparse_ratio, 0.01),
-                                    ("overlap", self.overlap, False)):
-            if value != default:
-                raise ValueError(f"comm.{key}: {value!r} is not available in this version "
-                                 f"(only {default!r}: backbone gradients use Horovod's dense "
-                                 f"allreduce without overlap); remove the key")
+        _check_at_least("comm.sparse_warmup_steps", self.sparse_warmup_steps, 0)
+        _check_at_least("comm.dense_below", self.dense_below, 0)
+        if self.gradients == "dense":
+            for key, default in (("sparse_ratio", 0.01), ("sparse_warmup_steps", 0),
+                                 ("dense_below", 1024), ("momentum_correction", False)):
+                if getattr(self, key) != default:
+                    raise ValueError(f"comm.{key}: set, but it only acts with "
+                                     f"comm.gradients=sparse (gradients is 'dense')")
+        if self.overlap:
+            raise ValueError(f"comm.overlap: {self.overlap!r} is not available in this version "
+                             f"(only False: communication does not overlap compute); remove "
+                             f"the key")

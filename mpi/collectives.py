@@ -186,33 +186,34 @@ def _mpi_op(op: str):
     return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
 
 
-def allreduce(world, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def allreduce(world, t: torch.Tensor, op: str = "sum", kind: str = "other") -> torch.Tensor:
     """Elementwise reduction (`sum`, `max` or `min`) over ranks; every rank gets the result in a
     new tensor (the input is not modified). Same shape and dtype required on all ranks (not
-    re-checked: a mismatch is our bug, and MPI would report a truncation error)."""
+    re-checked: a mismatch is our bug, and MPI would report a truncation error). The bytes
+    count in `world.traffic` under `kind`."""
     _check_dtype(t, "allreduce", _REDUCE_DTYPES)
     _check_op(op)
     if world.size == 1:
         return t.clone()
     src = _host(t)
     out = torch.empty_like(src)
-    with world.traffic.timed(ring_allreduce_bytes(world, src.nbytes)):
+    with world.traffic.timed(ring_allreduce_bytes(world, src.nbytes), kind):
         world.comm.Allreduce(_np(src), _np(out), op=_mpi_op(op))
     return _like(t, out)
 
 
-def allreduce_(world, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def allreduce_(world, t: torch.Tensor, op: str = "sum", kind: str = "other") -> torch.Tensor:
     """In-place `allreduce` of a contiguous CPU tensor (no extra buffer)."""
     _check_dtype(t, "allreduce_", _REDUCE_DTYPES)
     _check_op(op)
     if world.size == 1:
         return t
     if t.device.type != "cpu" or not t.is_contiguous():
-        t.copy_(allreduce(world, t, op))
+        t.copy_(allreduce(world, t, op, kind))
         return t
     from mpi4py import MPI  # noqa: PLC0415
 
-    with world.traffic.timed(ring_allreduce_bytes(world, t.nbytes)):
+    with world.traffic.timed(ring_allreduce_bytes(world, t.nbytes), kind):
         world.comm.Allreduce(MPI.IN_PLACE, _np(t.detach()), op=_mpi_op(op))
     return t
 

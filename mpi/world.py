@@ -29,24 +29,37 @@ _LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORL
 
 @dataclass
 class Traffic:
-    """What this rank sent and how long it waited in collectives, since the last `reset()`."""
+    """What this rank sent and how long it waited in collectives, since the last `reset()`.
+
+    `by_kind` splits `bytes_sent` by what was sent: the backbone-gradient exchange counts
+    under GRADIENTS (the `grad_bytes_sent` metric), everything else under "other"."""
+
+    GRADIENTS = "backbone_gradients"
 
     bytes_sent: int = 0
     seconds: float = 0.0
+    by_kind: dict[str, int] = field(default_factory=dict)
 
     @contextmanager
-    def timed(self, nbytes: int):
+    def timed(self, nbytes: int, kind: str = "other"):
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds += time.perf_counter() - start
-            self.bytes_sent += int(nbytes)
+            self.count(nbytes, kind)
+
+    def count(self, nbytes: int, kind: str = "other") -> None:
+        """Add `nbytes` sent without timing them (a send whose wait is timed by its caller,
+        e.g. Horovod's allreduce in app/training/data_parallel.py)."""
+        self.bytes_sent += int(nbytes)
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + int(nbytes)
 
     def reset(self) -> tuple[int, float]:
-        """Return (bytes_sent, seconds) so far and start counting again."""
+        """Return (bytes_sent, seconds) so far and start counting again (`by_kind` too: read
+        it before)."""
         out = (self.bytes_sent, self.seconds)
-        self.bytes_sent, self.seconds = 0, 0.0
+        self.bytes_sent, self.seconds, self.by_kind = 0, 0.0, {}
         return out
 
 

@@ -3,6 +3,7 @@ the loss is already a Python float on logging steps)."""
 from __future__ import annotations
 
 from app.runlog import peak_rss_mb
+from mpi.world import Traffic
 
 
 class MetricsWindow:
@@ -20,17 +21,19 @@ class MetricsWindow:
         self.rows += rows
         self.hvd_wait += hvd_wait
 
-    def flush(self, world, *, step: int, epoch: int, lr: float, global_batch: int,
-              grad_bytes: int) -> dict:
+    def flush(self, world, *, step: int, epoch: int, lr: float, global_batch: int) -> dict:
         """The metrics line (units in the key names) for the steps since the last flush; reads
-        and resets this rank's traffic counters."""
+        and resets this rank's traffic counters. `bytes_sent` (all of this rank's traffic) and
+        `grad_bytes_sent` (its backbone-gradient part) are means per step, as counted by the
+        code that sends (mpi/collectives.py, mpi/sparse.py, data_parallel.step)."""
         n = max(self.steps, 1)
+        grad_sent = world.traffic.by_kind.get(Traffic.GRADIENTS, 0)
         sent, comm_s = world.traffic.reset()
         record = {
             "step": step, "epoch": epoch, "loss": self.loss / n, "lr": lr,
             "samples_per_s": global_batch * self.steps / max(self.seconds, 1e-9),
             "step_time_s": self.seconds / n, "comm_time_s": (comm_s + self.hvd_wait) / n,
-            "bytes_sent": sent // n + grad_bytes, "grad_bytes_sent": grad_bytes,
+            "bytes_sent": sent // n, "grad_bytes_sent": grad_sent // n,
             "rows_updated": self.rows // n, "peak_rss_mb": round(peak_rss_mb(), 1),
             "knn_build_s": self.knn_build_s, "graph_wait_s": self.graph_wait_s,
         }

@@ -84,7 +84,11 @@ class Trainer:
                         "version (GPU placement is not implemented yet)", world.device)
         self.backbone, self.classifier, self.dtype = build_model(
             world, cfg, self.reader.input_shape, self.reader.num_classes)
-        self.optimizer = data_parallel.build_backbone_optimizer(world, self.backbone, cfg.optim)
+        self.optimizer = data_parallel.build_backbone_optimizer(world, self.backbone, cfg.optim,
+                                                                cfg.comm)
+        # comm.gradients=sparse: this rank's residuals (and DGC momenta); None when dense.
+        self.sparse = data_parallel.build_sparse_exchange(world, self.backbone, cfg.comm,
+                                                          cfg.optim, cfg.seed)
         self.schedule = LRSchedule(cfg.optim.lr, cfg.schedule, cfg.train.steps)
         self.classifier_lr_ratio = (cfg.optim.classifier_lr or cfg.optim.lr) / cfg.optim.lr
         self.graphs = None
@@ -165,6 +169,7 @@ class Trainer:
                              f"optimizer does not fit the config's model.* / optim.* ({first}); "
                              f"resume with the config the run was started with") from exc
         checkpoint.set_rng_state(state["rng"])
+        self._load_sparse(directory, manifest)
         if not self.schedule.load_progress(state.get("schedule")):
             self.log.warning("%s holds no adaptive schedule state: schedule.decay=adaptive "
                              "starts afresh at this step (lr factor 1)", directory)
@@ -178,6 +183,26 @@ class Trainer:
         self.start_step = int(manifest["step"])
         return manifest, state
 
+    def _load_sparse(self, directory: Path, manifest: dict) -> None:
+        """This rank's sparse-gradient residuals: its own, or on another world size the sum of
+        those of the old ranks r' = rank mod P (the total unsent gradient is kept)."""
+        world = self.world
+        if self.sparse is None:
+            if "rank_states" in manifest:
+                self.log.warning("%s holds sparse-gradient residuals; comm.gradients=dense "
+                                 "drops them (their gradient is never applied)", directory)
+            return
+        self.sparse.load_states(checkpoint.read_rank_states(directory, manifest, world.rank,
+                                                            world.size))
+        if "rank_states" not in manifest:
+            self.log.warning("%s holds no sparse-gradient residuals (written with "
+                             "comm.gradients=dense): they start at zero", directory)
+        elif manifest["world_size"] != world.size:
+            self.log.warning("sparse-gradient residuals of %d ranks regrouped onto %d (each "
+                             "rank sums those of the old ranks rank mod %d): the unsent total "
+                             "is kept, the selection no longer matches an uninterrupted run",
+                             manifest["world_size"], world.size, world.size)
+
     # -- the loop (collective) ------------------------------------------------------------------
     def run(self, stop: StopRequest | None = None) -> dict:
         """Trains to `train.steps`, or until `stop` (installed by the caller before set-up; by
@@ -186,7 +211,6 @@ class Trainer:
         own_stop = stop is None
         stop = StopRequest() if own_stop else stop
         metrics, evals, window = self._start()
-        grad_bytes = data_parallel.gradient_bytes(world, self.backbone)
         bar = progress_bar(world, cfg.train.steps, self.start_step, f"train {cfg.softmax.mode}")
         started, loss_value, last_eval, stopped_at = time.perf_counter(), float("nan"), None, None
         skipped = 0  # non-finite steps in a row (train.on_nonfinite=skip)
@@ -215,7 +239,7 @@ class Trainer:
                 self._nonfinite(step + 1, value, lr, skipped, metrics, bar)
             bar.update(1)
             last_eval, stopped = self._after_step(step + 1, lr, window, metrics, evals, bar,
-                                                  grad_bytes, stop, last_eval)
+                                                  stop, last_eval)
             if stopped:
                 stopped_at = step + 1
                 break
@@ -346,7 +370,7 @@ class Trainer:
         if frozen:  # train.freeze_backbone_steps: only the new rows learn
             first_free = self.started_from.num_old if self.started_from is not None else 0
             return value, self.classifier.step(lr * self.classifier_lr_ratio, first_free), 0.0
-        hvd_wait = data_parallel.step(self.world, self.optimizer)
+        hvd_wait = data_parallel.step(self.world, self.optimizer, self.sparse, step)
         rows = self.classifier.step(lr * self.classifier_lr_ratio)
         return value, rows, hvd_wait
 
@@ -361,7 +385,7 @@ class Trainer:
             self.backbone.train()
 
     def _after_step(self, done: int, lr: float, window: MetricsWindow, metrics: JsonLines,
-                    evals: JsonLines, bar, grad_bytes: int, stop: StopRequest,
+                    evals: JsonLines, bar, stop: StopRequest,
                     last_eval: dict | None) -> tuple[dict | None, bool]:
         """Metrics line, evaluation and checkpoint when due, and the agreed stop request after
         step `done`. Returns (the latest evaluation, whether to stop now)."""
@@ -369,7 +393,7 @@ class Trainer:
         last = done in (train.steps, self.schedule.stop_step)
         if (done % train.log_every == 0 or last) and window.steps:  # not if all were skipped
             record = window.flush(self.world, step=done, epoch=self.reader.epoch, lr=lr,
-                                  global_batch=self.plan.global_batch, grad_bytes=grad_bytes)
+                                  global_batch=self.plan.global_batch)
             metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
         if (train.eval_every and done % train.eval_every == 0) or last:
@@ -438,6 +462,8 @@ class Trainer:
                  "knn": self.graphs.state_dict() if self.graphs is not None else None}
         path = checkpoint.save(self.world, self.run_dir, step, self.classifier, state,
                                self.reader.state_dict(), config_hash(self.cfg),
-                               self.cfg.train.keep_checkpoints, self._dataset_record())
+                               self.cfg.train.keep_checkpoints,
+                               self.sparse.state_dict() if self.sparse is not None else None,
+                               self._dataset_record())
         self.log.info("checkpoint %s", path)
 

@@ -50,7 +50,8 @@ def test_metrics_lines_hold_the_contract_fields_with_their_values(two_runs, vect
         # The lr of the window's last step; an epoch is 960 / 48 = 20 steps.
         assert r["lr"] == pytest.approx(schedule(r["step"] - 1), rel=1e-12)
         assert r["epoch"] == r["step"] // 20
-        # Ring allreduce of the float32 backbone gradients on 2 ranks: 2 (P-1)/P of them.
+        # Ring allreduce of the float32 backbone gradients on 2 ranks: 2 (P-1)/P of them,
+        # counted by data_parallel.step for each Horovod step (sparse: test_sparse_training.py).
         assert r["grad_bytes_sent"] == grad_bytes
         # Plus at least this rank's features (24 x D float32) and labels sent each step.
         assert r["bytes_sent"] >= grad_bytes + 24 * (cfg.model.embedding_dim * 4 + 8)

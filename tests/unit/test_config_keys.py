@@ -31,6 +31,7 @@ KNN = ["softmax.mode=knn", "softmax.k=8", "knn.refresh_every=2"]
 # threshold 0.9: every window after the first is flat (cuts after steps 2, 3, 4).
 ADAPTIVE = ["schedule.decay=adaptive", "schedule.adaptive_window=1",
             "schedule.adaptive_threshold=0.9", "train.batch_size=64"]
+SPARSE = ["comm.gradients=sparse", "comm.dense_below=64"]  # the 16 x 16 weights go sparse
 IMAGES = ["data.path={images}", "model.backbone=resnet", "model.resnet_blocks=[1]",
           "model.resnet_width=4", "train.batch_size=8"]
 
@@ -86,8 +87,12 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
     # The same training (tests/mpi/test_knn_refresh.py); the build ran in a thread beside the
     # loop, which the graph file's index_detail records.
     "knn.refresh_mode": (KNN + ["knn.refresh_lag=1"], "knn.refresh_mode=background"),
-    "comm.gradients": ([], "comm.gradients=sparse"),
-    "comm.sparse_ratio": ([], "comm.sparse_ratio=0.1"),
+    "comm.gradients": (["model.mlp_hidden=64"], "comm.gradients=sparse"),  # 16 x 64 weights: sparse
+    # Sparse even on one rank: the top-k selection and the residuals change the update.
+    "comm.sparse_ratio": (SPARSE, "comm.sparse_ratio=0.1"),
+    "comm.sparse_warmup_steps": (SPARSE, "comm.sparse_warmup_steps=3"),
+    "comm.dense_below": (SPARSE, "comm.dense_below=100000"),
+    "comm.momentum_correction": (SPARSE, "comm.momentum_correction=true"),
     "comm.overlap": ([], "comm.overlap=true"),
     "optim.name": ([], "optim.name=adamw"),
     "optim.lr": ([], "optim.lr=0.01"),
