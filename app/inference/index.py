@@ -61,18 +61,20 @@ def new_index(kind: str, dim: int, nlist: int):
     return index
 
 
-def train_index(index, sample_sD: np.ndarray, seed: int) -> None:
+def train_index(index, sample_sD: np.ndarray, seed: int,
+                per_list: int = IVF_TRAIN_PER_LIST) -> None:
     """k-means of the coarse quantizer on `sample_sD` (search rows; at least nlist of them)."""
     index.cp.niter, index.cp.seed = IVF_NITER, seed
     index.cp.min_points_per_centroid = 1
-    index.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST
+    index.cp.max_points_per_centroid = per_list
     index.train(np.ascontiguousarray(sample_sD, dtype=np.float32))
 
 
-def training_sample(num_rows: int, nlist: int, seed: int) -> np.ndarray:
-    """Sorted row positions of the k-means sample (seeded)."""
+def training_sample(num_rows: int, nlist: int, seed: int,
+                    per_list: int = IVF_TRAIN_PER_LIST) -> np.ndarray:
+    """Sorted row positions of the k-means sample (seeded): `per_list` rows per list."""
     rng = np.random.default_rng([seed, num_rows, nlist])
-    size = min(num_rows, IVF_TRAIN_PER_LIST * nlist)
+    size = min(num_rows, per_list * nlist)
     return np.sort(rng.choice(num_rows, size, replace=False))
 
 

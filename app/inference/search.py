@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from app.classifier.topk import merge_rank_candidates
 from mpi import collectives
 
-# Rows scored at once by the exact search: bounds the N x c score block (256 x 2^18 float32 =
+# Rows scored at once by the exact search: bounds the N x c score block (1000 x 2^16 float32 =
 # 256 MiB) whatever C is.
-EXACT_CHUNK_ROWS = 1 << 18
+EXACT_CHUNK_ROWS = 1 << 16
 
 
 def empty_topk(num_rows: int, k: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
