@@ -81,8 +81,7 @@ def main(argv=None) -> int:
         return exit_on_setup_error(world, exc)
     log.info("%d inputs, %d classes, %s search on %d rank(s)", len(source.names),
              model.manifest["num_classes"], args.search, world.size)
-    bar = progress_bar(world, len(source.names), 0, "predict")
-    bar.unit = "input"
+    bar = progress_bar(world, len(source.names), 0, "predict", unit="input")
     try:
         done, skipped = predict(world, model, source, args.top_k, args.batch_size, writer,
                                 bar, log)

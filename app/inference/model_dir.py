@@ -72,9 +72,9 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
         raise _fail(path, f"cannot read the model manifest ({exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _fail(path, f"not a readable model manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise _fail(path, f"model format {manifest.get('format_version') if isinstance(manifest, dict) else None}, "
-                          f"this version reads {FORMAT_VERSION}")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise _fail(path, f"model format {version}, this version reads {FORMAT_VERSION}")
     missing = [key for key in REQUIRED if key not in manifest]
     if missing:
         raise _fail(path, f"not a complete model manifest (no {', '.join(missing)})")
