@@ -24,14 +24,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                             "not exist)")
     p.add_argument("--data", help="the run's dataset directory, if it moved since training "
                                   "(default: data.path of the run's config.yaml)")
-    p.add_argument("--index", default="ivf", choices=["ivf", "ivf-fp16", "none"],
-                   help="search index: ivf (float32 rows), ivf-fp16 (half the memory) or none "
-                        "(exact search only) (default: ivf)")
+    p.add_argument("--index", default="ivf", choices=["ivf", "ivf-fp16", "hnsw", "none"],
+                   help="search index: ivf (float32 rows), ivf-fp16 (half the memory), hnsw "
+                        "(a graph: better recall per query, slow to build) or none (exact "
+                        "search only) (default: ivf)")
     p.add_argument("--nlist", type=int, default=0,
                    help="IVF lists per row file (default 0: about 4 sqrt(rows))")
     p.add_argument("--nprobe", type=int, default=0, help=(
-        "lists scanned per query (default 0: the smallest of 1, 2, 4, ... whose recall@1 on "
-        "the val features reaches --target-recall)"))
+        "IVF lists scanned per query, or HNSW efSearch (default 0: the smallest of 1, 2, 4, "
+        "... (HNSW: 16, 32, ...) whose recall@1 on the val features reaches --target-recall)"))
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="recall@1 against exact search that --nprobe 0 aims at (default: 0.95)")
     p.add_argument("--recall-queries", type=int, default=2000,

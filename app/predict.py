@@ -28,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--search", choices=["exact", "index"], default="index",
                    help="index (default; the exported IVF index) or exact (every class)")
     p.add_argument("--nprobe", type=int, default=0,
-                   help="IVF lists scanned per query (default 0: the manifest's)")
+                   help="IVF lists scanned per query, or HNSW efSearch (default 0: the "
+                        "manifest's)")
     p.add_argument("--format", choices=["jsonl", "tsv"],
                    help="output format (default: tsv for a .tsv --out, else JSON lines)")
     p.add_argument("--split", default="val", choices=["train", "val"],

@@ -12,10 +12,12 @@ its row at the default): a feature of that class as a trained backbone would pro
 
 Measured, product code only: exact search is `ExactSearcher` (every row, chunked matmul; its
 time summed over the chunks, the queries in one batch), index search `IndexSearcher` over an
-index from `app.inference.index` (`ivf`: float32 rows, `ivf-fp16`: float16 rows) at each
---nprobe. recall@1 / recall@5 against exact as in app/inference/index.py; `top1_accuracy` is
+index from `app.inference.index` (`ivf`: float32 rows, `ivf-fp16`: float16 rows, at each
+--nprobe; `hnsw`: a graph over float32 rows, at each --ef-search, up to --max-hnsw-classes:
+its build is slow). recall@1 / recall@5 against exact as in app/inference/index.py; `top1_accuracy` is
 the share of queries whose top-1 is the query's own class (exact and index), and
-`accuracy_ratio` index / exact. Memory: the index's lists (codes and ids) and centroids.
+`accuracy_ratio` index / exact. Memory: the index's lists (codes and ids) and centroids, or
+HNSW's rows and links.
 
 Legend: c = rows of a chunk, D = embedding dim, q = queries.
 """
@@ -48,7 +50,12 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--family", type=int, default=16)
     p.add_argument("--spread", type=float, default=0.75)
     p.add_argument("--query-noise", type=float, default=0.75)
-    p.add_argument("--kinds", nargs="+", default=["ivf", "ivf-fp16"], choices=ivf.INDEX_KINDS)
+    p.add_argument("--kinds", nargs="+", default=["ivf", "ivf-fp16", "hnsw"],
+                   choices=ivf.INDEX_KINDS)
+    p.add_argument("--max-hnsw-classes", type=int, default=100_000,
+                   help="hnsw only up to this many classes: build time (default: 100k)")
+    p.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128],
+                   help="efSearch values of hnsw (default: 16 32 64 128)")
     p.add_argument("--max-flat-classes", type=int, default=2_000_000,
                    help="ivf (float32) only up to this many classes: memory (default: 2M)")
     p.add_argument("--nlist", type=int, nargs="*", default=[],
@@ -137,12 +144,14 @@ def measure_class_count(args, num_classes: int, nlist: int) -> dict:
     sample = ivf.training_sample(num_classes, nlist, args.seed, args.train_per_list)
     sample_sD, query_qD = first_pass(rows, sample, query_ids)
     queries_qD = make_queries(query_qD, args.query_noise, args.seed)
-    kinds = [k for k in args.kinds if k != "ivf" or num_classes <= args.max_flat_classes]
+    limit = {"ivf": args.max_flat_classes, "hnsw": args.max_hnsw_classes}
+    kinds = [k for k in args.kinds if num_classes <= limit.get(k, num_classes)]
     indexes, train_s = {}, {}
     for kind in kinds:
         start = time.perf_counter()
         indexes[kind] = ivf.new_index(kind, args.dim, nlist)
-        ivf.train_index(indexes[kind], sample_sD, args.seed, args.train_per_list)
+        if kind != "hnsw":
+            ivf.train_index(indexes[kind], sample_sD, args.seed, args.train_per_list)
         train_s[kind] = time.perf_counter() - start
     del sample_sD
     exact = second_pass(rows, indexes, queries_qD)
@@ -151,11 +160,11 @@ def measure_class_count(args, num_classes: int, nlist: int) -> dict:
     exact_acc = float((exact_ids[:, 0].numpy() == query_ids).mean())
     settings = []
     for kind, index in indexes.items():
-        for nprobe in args.nprobes:
+        for nprobe in args.ef_search if kind == "hnsw" else args.nprobes:
             settings.append(_search_setting(kind, index, nprobe, queries_qD, exact_ids,
                                             query_ids, exact_qps, exact_acc, nlist))
             settings[-1].update(train_s=train_s[kind], add_s=exact["add_s"][kind])
-            print(f"C={num_classes} {kind} nprobe={nprobe}: {settings[-1]['qps']:.0f} q/s "
+            print(f"C={num_classes} {kind} width={nprobe}: {settings[-1]['qps']:.0f} q/s "
                   f"({settings[-1]['speedup']:.1f}x) recall@1 {settings[-1]['recall_at_1']:.3f}",
                   flush=True)
         del index
@@ -177,7 +186,9 @@ def _search_setting(kind, index, nprobe, queries_qD, exact_ids, query_ids, exact
     qps = len(query_ids) / min(times)
     measured = ivf.recall(exact_ids, found)
     acc = float((found[:, 0].numpy() == query_ids).mean())
-    return {"kind": kind, "nlist": nlist, "nprobe": min(nprobe, nlist), "qps": qps,
+    hnsw = kind == "hnsw"
+    return {"kind": kind, "nlist": 0 if hnsw else nlist, "nprobe": None if hnsw else
+            min(nprobe, nlist), "ef_search": nprobe if hnsw else None, "qps": qps,
             "speedup": qps / exact_qps, "recall_at_1": measured["at_1"],
             "recall_at_5": measured["at_5"], "top1_accuracy": acc,
             "accuracy_ratio": acc / exact_acc if exact_acc else None,
@@ -206,7 +217,7 @@ def plot(plt, result: dict):
     ax.set_xscale("log")
     ax.set_xlabel("queries/s, x exact search")
     ax.set_ylabel("recall@1 against exact")
-    ax.set_title("index search (IVF, nprobe varied), D=128, one process")
+    ax.set_title("index search (IVF nprobe, HNSW efSearch varied), D=128, one process")
     ax.legend(fontsize=7)
     return fig
 

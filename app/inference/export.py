@@ -26,8 +26,9 @@ TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclasses.dataclass(frozen=True)
 class IndexOptions:
-    """kind: ivf | ivf-fp16 | none; nlist: lists per row file (0: about 4 sqrt(rows));
-    nprobe: lists scanned (0: the smallest of NPROBE_STEPS reaching `target_recall` at 1)."""
+    """kind: ivf | ivf-fp16 | hnsw | none; nlist: IVF lists per row file (0: about 4
+    sqrt(rows)); nprobe: lists scanned, or HNSW efSearch (0: the smallest of the search steps
+    reaching `target_recall` at 1)."""
 
     kind: str = "ivf"
     nlist: int = 0
@@ -125,10 +126,11 @@ def write_rows_and_index(out: Path, source: Source, rows_per_file: int, options:
             rel = md.index_file(lo, hi)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             faiss.write_index(index, str(out / rel))
-            indexes.append({"start": lo, "stop": hi, "file": rel, "nlist": int(index.nlist),
+            nlist = int(getattr(index, "nlist", 0))  # 0: HNSW
+            indexes.append({"start": lo, "stop": hi, "file": rel, "nlist": nlist,
                             "bytes_in_memory": ivf.index_bytes(index)})
             log.info("index of classes [%d, %d): %s nlist=%d in %.1f s", lo, hi, options.kind,
-                     index.nlist, time.perf_counter() - start_time)
+                     nlist, time.perf_counter() - start_time)
     return rows, indexes
 
 
@@ -155,8 +157,7 @@ def choose_nprobe(out: Path, rows: list[dict], indexes: list[dict], logit: str, 
     exact_Nk = exact_topk(out, rows, logit, dtype, queries_ND, 5)
     shards = [(faiss.read_index(str(out / e["file"])), e["start"]) for e in indexes]
     max_lists = max(e["nlist"] for e in indexes)
-    steps = [options.nprobe] if options.nprobe else \
-        [n for n in ivf.NPROBE_STEPS if n < max_lists] + [max_lists]
+    steps = [options.nprobe] if options.nprobe else ivf.search_steps(options.kind, max_lists)
     for nprobe in steps:
         _, found_Nk = IndexSearcher(shards, logit, nprobe).search(queries_ND, 5)
         measured = ivf.recall(exact_Nk, found_Nk)

@@ -3,7 +3,8 @@ cosine models, so inner product = cosine), one index per row range, and its reca
 exact search.
 
 `ivf` stores the rows as float32 (IndexIVFFlat), `ivf-fp16` as float16 (IndexIVFScalarQuantizer,
-half the memory, scores within about 1e-3). The coarse quantizer is k-means (IVF_NITER
+half the memory, scores within about 1e-3); `hnsw` is a navigable graph over the float32 rows
+(IndexHNSWFlat: no training, a slow build, best-first search whose width is efSearch). The coarse quantizer is k-means (IVF_NITER
 iterations) on a seeded sample of at most IVF_TRAIN_PER_LIST rows per list; rows are added in
 chunks, so building needs the index plus one chunk of memory. A query scans its `nprobe` nearest
 lists: cost about (nlist + nprobe * c / nlist) x D per query instead of c x D.
@@ -23,7 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-INDEX_KINDS = ("ivf", "ivf-fp16")
+INDEX_KINDS = ("ivf", "ivf-fp16", "hnsw")
+# faiss HNSW: links per node and candidate list while building; the search knob (`nprobe` of
+# the manifest and the CLIs) is efSearch for HNSW.
+HNSW_M, HNSW_EF_CONSTRUCTION = 32, 40
+EF_SEARCH_STEPS = (16, 32, 64, 128, 256, 512, 1024)
 IVF_NITER, IVF_TRAIN_PER_LIST = 10, 64
 ADD_CHUNK_ROWS = 1 << 18
 # nprobe values the export tries, in order, for the target recall.
@@ -43,12 +48,16 @@ def search_rows(rows_cD: np.ndarray, logit: str) -> np.ndarray:
 
 
 def new_index(kind: str, dim: int, nlist: int):
-    """An untrained IVF index of `kind` with inner-product metric."""
+    """An empty index of `kind` with inner-product metric (IVF: still to be trained)."""
     import faiss  # noqa: PLC0415
 
     if kind not in INDEX_KINDS:
         raise ValueError(f"--index: {kind!r} is not available; use one of "
                          f"{', '.join(INDEX_KINDS)} or none")
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return index
     quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -82,17 +91,29 @@ def build_index(kind: str, rows_cD: np.ndarray, logit: str, nlist: int, seed: in
     """A trained IVF index over the rows of one range (local ids 0..c-1), added in chunks."""
     num_rows, dim = rows_cD.shape
     index = new_index(kind, dim, min(nlist, max(num_rows, 1)))
-    train_index(index, search_rows(rows_cD[training_sample(num_rows, index.nlist, seed)], logit),
-                seed)
+    if kind != "hnsw":
+        sample = training_sample(num_rows, index.nlist, seed)
+        train_index(index, search_rows(rows_cD[sample], logit), seed)
     for lo in range(0, num_rows, ADD_CHUNK_ROWS):
         index.add(search_rows(rows_cD[lo:lo + ADD_CHUNK_ROWS], logit))
     return index
 
 
+def search_steps(kind: str, nlist: int) -> list[int]:
+    """The search widths an export tries for its target recall, smallest first."""
+    if kind == "hnsw":
+        return list(EF_SEARCH_STEPS)
+    return [n for n in NPROBE_STEPS if n < nlist] + [nlist]
+
+
 def index_bytes(index) -> int:
-    """Memory of an IVF index: codes and ids of its lists plus the quantizer's centroids."""
+    """Memory of an index: IVF, codes and ids of its lists plus the quantizer's centroids;
+    HNSW, the rows plus the links of every level."""
     import faiss  # noqa: PLC0415
 
+    if hasattr(index, "hnsw"):
+        return int(index.ntotal * index.d * 4 + index.hnsw.neighbors.size() * 4
+                   + index.hnsw.levels.size() * 4 + index.hnsw.offsets.size() * 8)
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
     per_row = lists.code_size + 8  # the code and its int64 id

@@ -93,9 +93,12 @@ class IndexSearcher:
 
 
 def set_nprobe(index, nprobe: int) -> None:
-    """Lists an IVF index scans per query (its quantizer's HNSW search widened to match)."""
+    """The search width: lists an IVF index scans per query, or an HNSW index's efSearch."""
     import faiss  # noqa: PLC0415
 
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(nprobe)
+        return
     ivf = faiss.extract_index_ivf(index)
     ivf.nprobe = min(int(nprobe), ivf.nlist)
     quantizer = faiss.downcast_index(ivf.quantizer)

@@ -91,3 +91,25 @@ def test_fewer_lists_scanned_lower_the_recall(exported):
     one = searcher(root, dict(section, nprobe=1)).search(q, 5)[1]
     every = searcher(root, dict(section, nprobe=10_000)).search(q, 5)[1]
     assert recall(exact, one)["at_1"] < recall(exact, every)["at_1"] == 1.0
+
+
+def test_hnsw_export_searches_a_graph_and_keeps_its_recall(tmp_path):
+    rows_cD = clustered_weights(2000, D, 0, 2000, family=8, spread=0.6)
+    entry = checkpoint.write_rows(tmp_path / "ckpt", 0, 2000, {"weight": rows_cD})
+    manifest = {"num_classes": 2000, "embedding_dim": D, "dtype": "float32",
+                "classifier": [entry]}
+    source = export.Source(tmp_path / "ckpt", manifest, {}, {}, "cosine", "vectors", (D,), [],
+                           "")
+    options = export.IndexOptions("hnsw", 0, 0, 0.95, 0)
+    rows, indexes = export.write_rows_and_index(tmp_path, source, 2000, options,
+                                                logging.getLogger("test"))
+    section = export.choose_nprobe(tmp_path, rows, indexes, "cosine", torch.float32,
+                                   queries(rows_cD, 500, 1), options)
+    assert section["nprobe"] in (16, 32, 64) and indexes[0]["nlist"] == 0
+    index = faiss.read_index(str(tmp_path / section["files"][0]["file"]))
+    assert hasattr(index, "hnsw")
+    q = queries(rows_cD, 500, 2)
+    exact = export.exact_topk(tmp_path, rows, "cosine", torch.float32, q, 5)
+    _, found = IndexSearcher([(index, 0)], "cosine", section["nprobe"]).search(q, 5)
+    assert ((found >= 0) & (found < 2000)).all()
+    assert recall(exact, found)["at_1"] >= section["recall"]["at_1_lower_bound"]
