@@ -185,3 +185,26 @@ def test_exported_image_model_predicts_as_the_run_from_image_files(tmp_path):
     for name, ranked in got.items():
         row = row_of[load_image(str(folder / name), 16).tobytes()]
         assert [c for c, _ in ranked] == ref_ids[row].tolist(), name
+
+
+def test_verify_hashes_large_files_and_step_picks_the_checkpoint(vector_model, tmp_path,
+                                                                 monkeypatch):
+    """A same-size change of a file above ALWAYS_HASH_BYTES passes the size check and is found
+    only with verify (app.predict --verify); --step names the checkpoint to export."""
+    from app.inference import model_dir as md
+
+    run_dir, model = vector_model
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    manifest = md.read_manifest(copy)
+    rows = copy / manifest["rows"][0]["file"]
+    data = bytearray(rows.read_bytes())
+    data[-1] ^= 0xFF
+    rows.write_bytes(bytes(data))
+    monkeypatch.setattr(md, "ALWAYS_HASH_BYTES", 0)
+    md.check_files(copy, manifest)
+    with pytest.raises(ValueError, match="checksum differs"):
+        md.check_files(copy, manifest, verify=True)
+    proc = tool("export", "--run", run_dir, "--step", "3", "--out", tmp_path / "m")
+    assert proc.returncode == 2 and "no complete checkpoint of step 3" in proc.stderr
+    assert json.loads((model / "manifest.json").read_text())["source"]["step"] == 16
