@@ -10,8 +10,9 @@ the exact command that produced them) and a PNG.
   knn       the KNN softmax benchmark: runs the parts above with the settings the KNN softmax
             is judged by (--parts; none = only the summary), then checks its targets against
             their newest results and writes knn_targets.json / .png
-  predict   queries/s and recall@1/@5 of index search (faiss IVF) against exact search over
-            10^5..10^7 classes, one process, with each index's memory (app/bench/predict.py)
+  predict   queries/s and recall@1/@5 of index search (faiss IVF, HNSW) against exact search
+            over 10^5..10^7 classes, one process, with each index's memory
+            (app/bench/predict.py)
 
 Benchmarks measure speed; tests check behaviour. Run them on an otherwise idle machine.
 """
