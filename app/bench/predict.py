@@ -56,14 +56,15 @@ def parse_args(argv) -> argparse.Namespace:
                    help="hnsw only up to this many classes: build time (default: 100k)")
     p.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128],
                    help="efSearch values of hnsw (default: 16 32 64 128)")
-    p.add_argument("--max-flat-classes", type=int, default=2_000_000,
-                   help="ivf (float32) only up to this many classes: memory (default: 2M)")
+    p.add_argument("--max-flat-classes", type=int, default=100_000,
+                   help="ivf (float32) only up to this many classes: ivf-fp16 has its recall "
+                        "at half the memory and add time (default: 100k)")
     p.add_argument("--nlist", type=int, nargs="*", default=[],
                    help="lists per class count, in --classes order (default: 4 sqrt(C), at "
                         "most 4096)")
     p.add_argument("--max-nlist", type=int, default=4096)
     p.add_argument("--train-per-list", type=int, default=32)
-    p.add_argument("--nprobes", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128])
+    p.add_argument("--nprobes", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="predict_search")
     p.add_argument("--results", type=Path, default=RESULTS)
@@ -142,7 +143,9 @@ def measure_class_count(args, num_classes: int, nlist: int) -> dict:
     query_ids = rng.choice(num_classes, args.queries, replace=False)
     rows = ClusteredRows(num_classes, args.dim, args.family, args.spread, args.seed)
     sample = ivf.training_sample(num_classes, nlist, args.seed, args.train_per_list)
+    start = time.perf_counter()
     sample_sD, query_qD = first_pass(rows, sample, query_ids)
+    print(f"C={num_classes}: first pass {time.perf_counter() - start:.1f} s", flush=True)
     queries_qD = make_queries(query_qD, args.query_noise, args.seed)
     limit = {"ivf": args.max_flat_classes, "hnsw": args.max_hnsw_classes}
     kinds = [k for k in args.kinds if num_classes <= limit.get(k, num_classes)]
@@ -154,7 +157,10 @@ def measure_class_count(args, num_classes: int, nlist: int) -> dict:
             ivf.train_index(indexes[kind], sample_sD, args.seed, args.train_per_list)
         train_s[kind] = time.perf_counter() - start
     del sample_sD
+    start = time.perf_counter()
     exact = second_pass(rows, indexes, queries_qD)
+    print(f"C={num_classes}: trained {train_s}, second pass {time.perf_counter() - start:.1f} s "
+          f"(adds {exact['add_s']}, exact {exact['seconds']:.1f} s)", flush=True)
     exact_ids = exact["ids"]
     exact_qps = args.queries / exact["seconds"]
     exact_acc = float((exact_ids[:, 0].numpy() == query_ids).mean())
@@ -223,6 +229,8 @@ def plot(plt, result: dict):
 
 
 def main(argv) -> int:
+    """Measures each class count in turn; the result files are rewritten after each, so a run
+    stopped during a large class count keeps the smaller ones."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     entries = []
@@ -232,8 +240,9 @@ def main(argv) -> int:
         start = time.perf_counter()
         entries.append(measure_class_count(args, num_classes, nlist))
         entries[-1]["wall_s"] = time.perf_counter() - start
-    result = {"dim": args.dim, "queries": args.queries, "family": args.family,
-              "spread": args.spread, "query_noise": args.query_noise,
-              "threads": torch.get_num_threads(), **host_load(), "class_counts": entries}
-    write_result(args.results, args.name, bench_command(["predict", *argv]), result, plot)
+        result = {"dim": args.dim, "queries": args.queries, "family": args.family,
+                  "spread": args.spread, "query_noise": args.query_noise,
+                  "threads": torch.get_num_threads(), **host_load(),
+                  "class_counts": entries, "complete": i + 1 == len(args.classes)}
+        write_result(args.results, args.name, bench_command(["predict", *argv]), result, plot)
     return 0
