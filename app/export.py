@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         return 2
     index = manifest["index"]
     detail = "no index (exact search only)" if index is None else (
-        f"{index['kind']} nprobe={index['nprobe']}, recall@1 {index['recall']['at_1']:.4f} "
+        f"{index['kind']} {'efSearch' if index['kind'] == 'hnsw' else 'nprobe'}="
+        f"{index['nprobe']}, recall@1 {index['recall']['at_1']:.4f} "
         f"recall@5 {index['recall']['at_5']:.4f} against exact on "
         f"{index['recall']['queries']} val features")
     log.info("exported step %d of %s to %s: %d classes, %s", manifest["source"]["step"],

@@ -201,21 +201,23 @@ def prepare_out(out: Path) -> Path:
 
 @torch.no_grad()
 def recall_queries(source: Source, backbone, num: int, seed: int) -> tuple[torch.Tensor, str]:
-    """Up to `num` features of the run's val split (a seeded random sample of it): the queries
-    the recall is measured on, as the model will see them."""
+    """Up to `num` features of the run's val split (train split when val is empty; a seeded
+    random sample): the queries the recall is measured on, as the model will see them."""
+    from data_prep.format import load_dataset_info  # noqa: PLC0415
     from data_prep.reader import ShardedReader  # noqa: PLC0415
     from app.model import as_input  # noqa: PLC0415
 
     dtype = next(backbone.parameters()).dtype
     feats, seen = [], 0
-    with ShardedReader(source.data_path, "val", 0, 1, 256, seed, shuffle=True, drop_last=False,
+    split = "val" if load_dataset_info(source.data_path).splits["val"].num_samples else "train"
+    with ShardedReader(source.data_path, split, 0, 1, 256, seed, shuffle=True, drop_last=False,
                        prefetch=0) as reader:
         for batch in reader.one_epoch():
             feats.append(backbone(as_input(batch.inputs, dtype)))
             seen += len(batch.labels)
             if seen >= num:
                 break
-    return torch.cat(feats)[:num], f"{min(seen, num)} features of the val split of " \
+    return torch.cat(feats)[:num], f"{min(seen, num)} features of the {split} split of " \
                                    f"{source.data_path}"
 
 
