@@ -47,9 +47,9 @@ class JsonLines:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def progress_bar(world, total: int, initial: int, desc: str):
+def progress_bar(world, total: int, initial: int, desc: str, unit: str = "step"):
     """tqdm on rank 0 (speed, ETA, postfix with loss); a disabled bar elsewhere."""
     from tqdm import tqdm  # noqa: PLC0415
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
                 disable=not world.is_root, file=sys.stderr, mininterval=1.0)

@@ -15,6 +15,9 @@ the exact command that produced them) and a PNG.
   knn       the KNN softmax benchmark: runs the parts above with the settings the KNN softmax
             is judged by (--parts; none = only the summary), then checks its targets against
             their newest results and writes knn_targets.json / .png
+  predict   queries/s and recall@1/@5 of index search (faiss IVF, HNSW) against exact search
+            over 10^5..10^7 classes, one process, with each index's memory
+            (app/bench/predict.py)
 
 Benchmarks measure speed; tests check behaviour. Run them on an otherwise idle machine.
 """
@@ -106,6 +109,9 @@ def parser() -> argparse.ArgumentParser:
 
     continual.arguments(c)
     _results_argument(c)
+    pr = sub.add_parser("predict", help="index against exact search for app.predict "
+                                        "(app/bench/predict.py)")
+    pr.add_argument("rest", nargs=argparse.REMAINDER)
     _knn_arguments(sub.add_parser("knn", help="the KNN softmax benchmark: accuracy, step and "
                                               "graph parts, then its targets (knn_targets.json "
                                               "/ .png)"))
@@ -123,6 +129,10 @@ def main(argv=None) -> int:
         from app.bench import graph  # noqa: PLC0415
 
         return graph.main(argv[1:])
+    if argv[:1] == ["predict"]:
+        from app.bench import predict  # noqa: PLC0415
+
+        return predict.main(argv[1:])
     args = parser().parse_args(argv)
     args.argv = argv
     if args.what == "knn":

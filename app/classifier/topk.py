@@ -30,13 +30,22 @@ def global_topk(world, classifier, feat_bD: torch.Tensor,
     if kk > 0:
         top = torch.topk(sim_Nc, kk, dim=1)
         vals_Nk[:, :kk], ids_Nk[:, :kk] = top.values, top.indices + classifier.start
+    best_vals_Nk, ids_Nk = merge_rank_candidates(world, vals_Nk, ids_Nk,
+                                                 min(k, classifier.num_classes))
+    # This rank's samples are its slice of the gathered rows.
+    lo = sum(sizes[:world.rank])
+    return best_vals_Nk[lo:lo + feat_bD.shape[0]], ids_Nk[lo:lo + feat_bD.shape[0]]
+
+
+def merge_rank_candidates(world, vals_Nk: torch.Tensor, ids_Nk: torch.Tensor,
+                          k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collective: every rank's candidates for the same N samples (scores and global class ids,
+    padding -inf / -1) merged into the best k per sample, best first, identical on all ranks."""
+    num_rows = vals_Nk.shape[0]
     # Candidates of every rank for every sample: (P, N, k) -> per sample P*k candidates.
     all_vals = collectives.allgather(world, vals_Nk.unsqueeze(0), [1] * world.size)
     all_ids = collectives.allgather(world, ids_Nk.unsqueeze(0), [1] * world.size)
     vals_NPk = all_vals.permute(1, 0, 2).reshape(num_rows, -1)
     ids_NPk = all_ids.permute(1, 0, 2).reshape(num_rows, -1)
-    best = torch.topk(vals_NPk, min(k, classifier.num_classes), dim=1)
-    ids_Nk = torch.gather(ids_NPk, 1, best.indices)
-    # This rank's samples are its slice of the gathered rows.
-    lo = sum(sizes[:world.rank])
-    return best.values[lo:lo + feat_bD.shape[0]], ids_Nk[lo:lo + feat_bD.shape[0]]
+    best = torch.topk(vals_NPk, min(k, vals_NPk.shape[1]), dim=1)
+    return best.values, torch.gather(ids_NPk, 1, best.indices)
