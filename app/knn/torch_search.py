@@ -20,10 +20,12 @@ import torch
 from app.knn import ring
 from app.knn.ring import Layout, ring_pass
 
-# Scores computed at once (q x p): 2^24 float32 = 64 MiB, whatever the device.
-SCORE_ELEMENTS = 1 << 24
-# Local rows scored per piece (p); query rows per piece are SCORE_ELEMENTS // p.
-LOCAL_ROWS = 8192
+# Scores computed at once (q x p): 2^24 float32 = 64 MiB on the CPU, 1 GiB on a GPU.
+SCORE_ELEMENTS, SCORE_ELEMENTS_GPU = 1 << 24, 1 << 28
+# Local rows scored per piece (p); query rows per piece are SCORE_ELEMENTS // p. All of a
+# rank's rows at once up to this many: one top-k per query row over 50k local rows cost 25%
+# less CPU than top-k per 8192 rows and merges (4000 queries, D = 128, k = 64, one thread).
+LOCAL_ROWS = 65_536
 
 
 def rows_device(weight_cD) -> torch.device:
@@ -44,7 +46,8 @@ def local_topk(x_cD: torch.Tensor, start: int, query_qD: torch.Tensor, score_qk:
     among the local rows x_cD (global ids start, start + 1, ...), piece by piece."""
     num_rows = x_cD.shape[0]
     step_p = max(1, min(LOCAL_ROWS, num_rows))
-    step_q = max(1, SCORE_ELEMENTS // step_p)
+    budget = SCORE_ELEMENTS if x_cD.device.type == "cpu" else SCORE_ELEMENTS_GPU
+    step_q = max(1, budget // step_p)
     out_s, out_i = [], []
     for q0 in range(0, query_qD.shape[0], step_q):
         best_s, best_i = score_qk[q0:q0 + step_q], id_qk[q0:q0 + step_q]
