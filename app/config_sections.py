@@ -89,7 +89,9 @@ class KnnConfig:
         between refine the graph in use instead (its rows rescored under the current weights,
         then neighbours-of-neighbours passes): cheaper, and enough while the weights move
         little between refreshes. 1 = always rebuild.
-    index: faiss index (`flat` exact, `ivf`, `hnsw`; `auto` picks by class count).
+    index: faiss index (`flat` exact, `ivf`, `hnsw`; `auto` picks by class count), or `torch`:
+        the exact search of `flat` in torch on the device of the classifier rows (a GPU
+        without faiss-gpu; on the CPU a reference for the faiss indexes).
     nprobe: IVF lists searched per query.
     init: the graph before the first rebuild: from the classes' mean features (`centres`) or
         from the random initial weights (`random`).
@@ -113,7 +115,7 @@ class KnnConfig:
     def __post_init__(self) -> None:
         _check_at_least("knn.refresh_every", self.refresh_every, 1)
         _check_at_least("knn.rebuild_every", self.rebuild_every, 1)
-        _check_choice("knn.index", self.index, ("flat", "ivf", "hnsw", "auto"))
+        _check_choice("knn.index", self.index, ("flat", "ivf", "hnsw", "torch", "auto"))
         _check_at_least("knn.nprobe", self.nprobe, 1)
         _check_choice("knn.init", self.init, ("centres", "random"))
         _check_choice("knn.refresh_mode", self.refresh_mode, ("sync", "background"))

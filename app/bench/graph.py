@@ -78,7 +78,7 @@ def parse_args(argv) -> argparse.Namespace:
 def _setting(text: str) -> dict:
     index, *opts = text.split(":")
     out = {"index": index, "nprobe": 16, "refine": None, "refresh": "refresh" in opts}
-    if index not in ("flat", "ivf", "hnsw", "auto"):
+    if index not in ("flat", "ivf", "hnsw", "torch", "auto"):
         raise ValueError(f"--settings {text!r}: unknown index {index!r}")
     for opt in (o for o in opts if o != "refresh"):
         key, _, value = opt.partition("=")

@@ -3,9 +3,10 @@
 
 Rank r holds only its rows [start, stop) of W and searches ALL classes for them on the ring
 (`ring.py`). Indexes: `flat`, `ivf`, `hnsw` are faiss indexes of each rank's own rows that the
-query chunks visit (`indexes.py`); `auto` is `flat` (exact) up to FLAT_MAX_CLASSES classes and
-above it the shared cells of `cells.py` followed by AUTO_REFINE passes of neighbours-of-neighbours
-(`refine.py`). A previous graph of the same rows (`init`) is rescored under the current weights
+query chunks visit (`indexes.py`); `torch` is the same exact search as `flat` done in torch on
+the device the rows are on (`torch_search.py`); `auto` is `flat` (exact) up to FLAT_MAX_CLASSES
+classes and above it the shared cells of `cells.py` followed by AUTO_REFINE passes of
+neighbours-of-neighbours (`refine.py`). A previous graph of the same rows (`init`) is rescored under the current weights
 and refined instead of searching from scratch.
 
 Column 0 is forced to be the class itself (similarity = its own cosine, 1 for a non-zero row),
@@ -32,9 +33,10 @@ from app.knn.indexes import Searcher, build_index
 from app.knn.refine import refine_pass, rescore
 from app.knn.ring import Layout, merge_topk, ring_pass
 from app.knn.rows import check_args, normalised
+from app.knn.torch_search import rows_device, torch_ring_search
 from mpi import collectives
 
-INDEXES = ("flat", "ivf", "hnsw", "auto")
+INDEXES = ("flat", "ivf", "hnsw", "torch", "auto")
 # Exact search costs C^2 D: 20k classes x 128 dims is about 0.1 TFLOP, a few seconds on 2 cores.
 FLAT_MAX_CLASSES = 20_000
 # Refinement passes of `auto` above FLAT_MAX_CLASSES and of a refresh from a previous graph.
@@ -50,7 +52,7 @@ class LocalGraph:
     neighbors_ck: int32 (n, K) global class ids, column 0 = the class itself.
     similarity_ck: float32 (n, K) cosine of each neighbour (NaN where unknown: random graphs,
         random completion of a short row).
-    index: the index actually used (`flat`, `ivf`, `hnsw`; `refine` for a refined previous
+    index: the index actually used (`flat`, `ivf`, `hnsw`, `torch`; `refine` for a refined previous
         graph; `random`); detail: its parameters, in words.
     seconds: wall time of the build on this rank.
     """
@@ -78,7 +80,8 @@ def build_graph(world, weight_cD, start: int, num_classes: int, k: int, index: s
 
     Collective: every rank passes its own rows `weight_cD` (n x D; contiguous class ranges in
     rank order, a rank may hold none) and the same num_classes, k, index, nprobe and seed; each
-    gets its own rows of the graph. `index`: flat | ivf | hnsw | auto (module docstring).
+    gets its own rows of the graph. `index`: flat | ivf | hnsw | torch | auto (module
+    docstring); `torch` computes on the device of `weight_cD` (a tensor's, else the CPU).
     `refine`: passes of neighbours-of-neighbours after the search (None: AUTO_REFINE for `auto`
     above FLAT_MAX_CLASSES classes and with `init`, else 0). `init`: a previous graph of the
     same rows (e.g. built before the weights moved) to rescore and refine instead of searching
@@ -94,7 +97,7 @@ def build_graph(world, weight_cD, start: int, num_classes: int, k: int, index: s
     auto = index == "auto" and num_classes > FLAT_MAX_CLASSES
     passes = (AUTO_REFINE if auto or init is not None else 0) if refine is None else int(refine)
     kind, score_cK, id_cK, detail = _first_graph(world, layout, x_cD, start, k, index, auto,
-                                                 nprobe, seed, init)
+                                                 nprobe, seed, init, rows_device(weight_cD))
     fresh_cK = np.ones(id_cK.shape, dtype=bool)
     for _ in range(passes):
         score_cK, id_cK, fresh_cK = refine_pass(world, layout, x_cD, start, score_cK, id_cK,
@@ -111,13 +114,17 @@ def build_graph(world, weight_cD, start: int, num_classes: int, k: int, index: s
 
 
 def _first_graph(world, layout: Layout, x_cD: np.ndarray, start: int, k: int, index: str,
-                 auto: bool, nprobe: int, seed: int, init: LocalGraph | None):
+                 auto: bool, nprobe: int, seed: int, init: LocalGraph | None,
+                 device: torch.device):
     """Collective: the graph before refinement: (kind of index, scores, ids, detail)."""
     if init is not None:
         score_cK, id_cK = rescore(world, layout, x_cD, start, init, k)
         return "refine", score_cK, id_cK, f"previous {init.index} graph rescored"
     if auto:
         return ("ivf",) + cells_search(world, layout, x_cD, start, k, seed)
+    if index == "torch":
+        score_cK, id_cK = torch_ring_search(world, layout, x_cD, start, k, device)
+        return "torch", score_cK, id_cK, f"torch (exact inner product on {device})"
     kind = "flat" if index == "auto" else index
     # The index (a copy of the rows, lists, links) is freed on return, before refinement.
     searcher, detail = build_index(world, kind, x_cD, start, k, nprobe, seed)

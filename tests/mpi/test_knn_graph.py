@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from app.knn import GraphFile, GraphRefresher, build_graph, random_graph, recall_at_k, write_graph
-from app.knn import cells, ring, search  # modules whose tuning constants the tests change
+from app.knn import cells, ring, search, torch_search  # modules whose constants tests change
 from data_prep.clustered_rows import clustered_weights
 from mpi import collectives
 from mpi.partition import class_range
-from tests.unit.test_knn_graph import assert_same_graph, exact_graph
+from tests.unit.test_knn_graph import assert_same_graph, check_torch_graph, exact_graph, tied_weight
 
 
 def full_weight(num_classes: int, dim: int, seed: int) -> np.ndarray:
@@ -53,6 +53,21 @@ def test_distributed_flat_graph_equals_exact(world, split, chunk, monkeypatch):
     recall = recall_at_k(world, weight[start:stop], start, num_classes, graph,
                          num_samples=150, seed=3)
     assert recall == 1.0
+
+
+@pytest.mark.parametrize("split", ["balanced", "uneven"])
+@pytest.mark.parametrize("pieces", [False, True])
+def test_torch_graph_equals_flat_and_exact(world, split, pieces, monkeypatch):
+    # The torch index on the ring equals faiss flat and the float64 reference, ties aside
+    # (duplicate rows, a zero row); uneven: rank 0 may hold no class.
+    if pieces:  # several ring rounds, ranks with different numbers of chunks, many merges
+        monkeypatch.setattr(ring, "CHUNK_ROWS", 13)
+        monkeypatch.setattr(torch_search, "LOCAL_ROWS", 6)
+        monkeypatch.setattr(torch_search, "SCORE_ELEMENTS", 6 * 4)
+    num_classes = 211
+    part = class_range if split == "balanced" else uneven_range
+    start, stop = part(num_classes, world.rank, world.size)
+    check_torch_graph(world, tied_weight(num_classes, 10, seed=21), start, stop, 9)
 
 
 def test_fewer_classes_than_ranks(world):

@@ -107,7 +107,7 @@ def test_demo_config_is_the_documented_run():
     (["optim.classifier_lr=fast"], "optim.classifier_lr: expected float or null, got 'fast'"),
     (["train=5"], "train: expected a mapping of train.* keys, got 5"),
     (["softmax.mode=foo"], "softmax.mode: 'foo' not one of full|sampled|knn"),
-    (["knn.index=lsh"], "knn.index: 'lsh' not one of flat|ivf|hnsw|auto"),
+    (["knn.index=lsh"], "knn.index: 'lsh' not one of flat|ivf|hnsw|torch|auto"),
     (["knn.refresh_mode=async"], "knn.refresh_mode: 'async' not one of sync|background"),
     (["knn.refresh_every=4", "knn.refresh_lag=5"],
      "knn.refresh_lag: 5 out of range, must be in [0, knn.refresh_every]"),

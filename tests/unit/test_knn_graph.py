@@ -14,7 +14,7 @@ import torch
 
 from app import checkpoint
 from app.knn import GraphFile, build_graph, random_graph, recall_at_k, write_graph
-from app.knn import cells, search  # modules whose tuning constants the tests change
+from app.knn import cells, ring, search, torch_search  # modules whose tuning constants change
 from data_prep.clustered_rows import clustered_weights
 from mpi.world import fake_world
 
@@ -39,9 +39,79 @@ def assert_same_graph(got_ids, ref_ids, ref_sim, tol=1e-5):
             assert got_ids[row, j] in set(ref_ids[row, 1:][near]), (row, j)
 
 
+def tied_weight(num_classes: int, dim: int, seed: int) -> np.ndarray:
+    """Gaussian rows, with a few exact duplicates (other classes tie with a class's self and
+    neighbours tie with each other) and a zero row (every cosine with it 0)."""
+    weight = np.random.default_rng(seed).standard_normal((num_classes, dim))
+    weight[[3, 4, num_classes - 1]] = weight[num_classes // 2]
+    weight[num_classes // 3] = 0.0
+    return weight
+
+
+def assert_exact_up_to_ties(got, weight_CD: np.ndarray, ref_sim, tol=1e-5):
+    """Every row of `got` (a LocalGraph) is an exact top-K of the float64 cosines, whatever
+    order ties took: column 0 the class, K distinct classes, the scores the reference's sorted
+    top-K (`ref_sim`: (n, K-1)), each the true cosine of the class listed beside it."""
+    x_CD = weight_CD / np.maximum(np.linalg.norm(weight_CD, axis=1, keepdims=True), 1e-30)
+    ids = got.neighbors_ck.astype(np.int64)
+    assert np.array_equal(ids[:, 0], np.arange(got.start, got.stop))
+    assert all(len(set(row)) == got.k for row in ids.tolist())
+    np.testing.assert_allclose(got.similarity_ck[:, 1:], ref_sim, atol=tol)
+    true_ck = np.einsum("cd,ckd->ck", x_CD[got.start:got.stop], x_CD[ids[:, 1:]])
+    np.testing.assert_allclose(got.similarity_ck[:, 1:], true_ck, atol=tol)
+
+
+def check_torch_graph(world, weight_CD: np.ndarray, start: int, stop: int, k: int) -> None:
+    """Collective: the `torch` graph of rows [start, stop) (given as a torch tensor) equals the
+    faiss `flat` graph and the float64 one-process reference, ties aside."""
+    num_classes = len(weight_CD)
+    rows = torch.from_numpy(weight_CD[start:stop]).float()
+    got = build_graph(world, rows, start, num_classes, k, index="torch")
+    flat = build_graph(world, weight_CD[start:stop], start, num_classes, k, index="flat")
+    assert (got.index, got.start, got.stop) == ("torch", start, stop)
+    assert "on cpu" in got.detail
+    assert got.neighbors_ck.dtype == np.int32 and got.similarity_ck.dtype == np.float32
+    best_cC = best_cosines(weight_CD, start, stop)
+    assert_exact_up_to_ties(got, weight_CD, best_cC[:, :k - 1])
+    assert_exact_up_to_ties(flat, weight_CD, best_cC[:, :k - 1])
+    np.testing.assert_allclose(got.similarity_ck, flat.similarity_ck, atol=1e-5)
+    # Rows without ties (a gap above 1e-4 after each of the K-1 best others): the same ids.
+    gaps = np.diff(-best_cC[:, :k], axis=1).min(axis=1, initial=1.0) > 1e-4
+    assert gaps.sum() >= (stop - start) // 2
+    assert np.array_equal(got.neighbors_ck[gaps], flat.neighbors_ck[gaps])
+
+
+def best_cosines(weight_CD: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """float64 cosines of rows [start, stop) to every OTHER class, best first (a zero row: 0
+    with everything); (n, C) with -inf last, for the class itself."""
+    x_CD = weight_CD / np.maximum(np.linalg.norm(weight_CD, axis=1, keepdims=True), 1e-30)
+    sim = x_CD[start:stop] @ x_CD.T
+    sim[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+    return -np.sort(-sim, axis=1)
+
+
 @pytest.fixture(scope="module")
 def world():
     return fake_world()
+
+
+@pytest.mark.parametrize("pieces", [False, True])
+def test_torch_graph_equals_flat_and_exact(world, pieces, monkeypatch):
+    if pieces:  # ring chunks, query pieces and local pieces of a few rows: many merges
+        monkeypatch.setattr(ring, "CHUNK_ROWS", 23)
+        monkeypatch.setattr(torch_search, "LOCAL_ROWS", 7)
+        monkeypatch.setattr(torch_search, "SCORE_ELEMENTS", 7 * 5)
+    check_torch_graph(world, tied_weight(150, 9, seed=4), 0, 150, 11)
+
+
+def test_torch_merge_keeps_the_best_across_pieces(monkeypatch):
+    # A piece's top-k must not push out better candidates found in an earlier piece.
+    x_cD = torch.eye(4)[[0, 1, 2, 3, 0]] * torch.tensor([[1.0], [0.9], [0.8], [0.7], [1.0]])
+    query = torch.eye(4)[:1]
+    monkeypatch.setattr(torch_search, "LOCAL_ROWS", 2)
+    score, ids = torch_search.local_topk(x_cD, 10, query, torch.full((1, 2), -torch.inf),
+                                         torch.full((1, 2), -1), 2)
+    assert sorted(ids[0].tolist()) == [10, 14] and score[0].tolist() == [1.0, 1.0]
 
 
 def test_flat_graph_is_exact(world):
