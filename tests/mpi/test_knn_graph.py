@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.config import KnnConfig
 from app.knn import GraphFile, GraphRefresher, build_graph, random_graph, recall_at_k, write_graph
 from app.knn import cells, ring, search, torch_search  # modules whose constants tests change
 from data_prep.clustered_rows import clustered_weights
@@ -226,7 +227,7 @@ def test_resumed_graph_is_one_decision_for_all_ranks(world, tmp_path_factory, mo
         monkeypatch.setattr(GraphRefresher, "_usable", lambda self, state: None)
     if view == "no graph in the state":
         state = None
-    refresher = GraphRefresher(world, None, k, run_dir, num_classes, seed=0, keep=2,
+    refresher = GraphRefresher(world, KnnConfig(), k, run_dir, num_classes, seed=0, keep=2,
                                log=logging.getLogger("hundredm"))
     classifier = _Classifier(start, stop)
     got = refresher.load_state_dict(state, classifier)
