@@ -1,6 +1,6 @@
 """`python -m app.bench comm`: what one training step sends, by kind, with dense and sparse
 backbone gradients, at --ranks ranks; step time and top-1 after the same steps; and a
-projection of the step time to P = 8 ... 256 ranks on a network of --bandwidth-gbps and
+projection of the step time to P = 8 ... 256 ranks on networks of each --bandwidth-gbps and
 --latency-us (the alpha-beta model of app/bench/comm_model.py, whose docstring states every
 formula).
 
@@ -13,10 +13,14 @@ it has none). Variants: `dense` (comm.gradients=dense, Horovod's allreduce), `sp
 `comm_time_s` over those intervals, and top-1/top-5 over all classes at the end.
 
 Projection inputs, from the runs at the fewest ranks: compute seconds per step = median
-step_time_s - median comm_time_s of each variant's run (the sparse compression counts as
-compute); the dense gradient bytes G = grad_bytes_sent x P / (2 (P-1)) of the dense run; the
+step_time_s - median comm_time_s of the dense run, the same for every variant (the sparse
+selection's CPU time is left out: on a shared 2-core host it is within the noise of the
+measured step times, which the result lists per run); the dense gradient bytes G = grad_bytes_sent x P / (2 (P-1)) of the dense run; the
 small tensors' bytes S (backbone tensors under comm.dense_below entries, float32); the sparse
 pair bytes per rank k_bytes = (grad_bytes_sent - 2 (P-1)/P S) / (P-1) of each sparse run.
+
+`--reproject` runs nothing and recomputes the projection of the existing result with other
+network arguments (recorded as `projection_command`).
 
 Not measured here: comm.overlap (an overlapping step pipeline, part 2 of issue 10) is not built
 and app.train refuses it, so there is no overlap off/on comparison; image data with the ResNet
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from app.bench import comm_model, launch
-from app.bench.results import bench_command, host_load, write_result
+from app.bench.results import bench_command, host_load, load_result, write_result
 
 KINDS = ("features", "labels", "logits", "feature_gradients", "backbone_gradients", "batchnorm",
          "other")
@@ -56,8 +60,12 @@ def arguments(c) -> None:
     c.add_argument("--skip-steps", type=int, default=30,
                    help="leave the intervals up to this step out of bytes and times")
     c.add_argument("--eval-samples", type=int, default=10000)
-    c.add_argument("--bandwidth-gbps", type=float, default=100.0)
+    c.add_argument("--bandwidth-gbps", type=float, nargs="+", default=[100.0, 10.0],
+                   help="link bandwidths of the projection (one projection each)")
     c.add_argument("--latency-us", type=float, default=5.0)
+    c.add_argument("--reproject", action="store_true",
+                   help="run nothing: recompute the projection of the existing --name result "
+                        "with these network arguments (its measurements and command kept)")
     c.add_argument("--name", default="comm")
 
 
@@ -122,31 +130,53 @@ def backbone_sizes(args) -> dict:
                             if isinstance(m, nn.modules.batchnorm._BatchNorm)]}
 
 
-def projection(args, results: list[dict]) -> dict:
-    """Projected step seconds per variant at PROJECT_P, from the runs at the fewest ranks."""
-    net = comm_model.Network.of(args.bandwidth_gbps, args.latency_us)
+def projection(args, results: list[dict], batch: int) -> dict:
+    """Projected step seconds per variant, network (bandwidth in Gb/s) and P in PROJECT_P,
+    from the runs at the fewest ranks."""
     sizes = backbone_sizes(args)
     grad_bytes, small = sizes["grad_bytes"], sizes["small_bytes"]
     p0 = min(r["ranks"] for r in results)
-    out = {"from_ranks": p0, **sizes, "variants": {}}
-    for r in (r for r in results if r["ranks"] == p0):
+    out = {"from_ranks": p0, **sizes, "latency_us": args.latency_us,
+           "bandwidths_gbps": args.bandwidth_gbps, "variants": {}}
+    base = [r for r in results if r["ranks"] == p0]
+    dense = [r for r in base if r["variant"] == "dense"] or base
+    compute = max(dense[0]["median_step_s"] - dense[0]["median_comm_s"], 0.0)
+    out["compute_s"] = compute
+    for r in base:
         pair_bytes = None
         if r["variant"] != "dense":
             dense_part = 2 * (p0 - 1) / p0 * small
             pair_bytes = (r["grad_bytes_sent"] - dense_part) / (p0 - 1)
-        compute = max(r["median_step_s"] - r["median_comm_s"], 0.0)
-        steps = {p: comm_model.step_s(net, p, compute_s=compute, batch=args.batch,
-                                      dim=sizes["dim"], grad_bytes=grad_bytes,
-                                      pair_bytes=pair_bytes,
-                                      small_bytes=small if pair_bytes is not None else 0.0,
-                                      bn_channels=tuple(sizes["bn_channels"]))
-                 for p in PROJECT_P}
-        out["variants"][r["variant"]] = {"compute_s": compute, "pair_bytes": pair_bytes,
-                                         "step_s": {str(p): s for p, s in steps.items()}}
+        per_net = {}
+        for gbps in args.bandwidth_gbps:
+            net = comm_model.Network.of(gbps, args.latency_us)
+            per_net[str(gbps)] = {str(p): comm_model.step_s(
+                net, p, compute_s=compute, batch=batch, dim=sizes["dim"],
+                grad_bytes=grad_bytes, pair_bytes=pair_bytes,
+                small_bytes=small if pair_bytes is not None else 0.0,
+                bn_channels=tuple(sizes["bn_channels"])) for p in PROJECT_P}
+        out["variants"][r["variant"]] = {"pair_bytes": pair_bytes, "step_s": per_net}
     return out
 
 
+def reproject(args) -> int:
+    result = load_result(args.results, args.name)
+    if result is None:
+        print(f"error: {args.results}/{args.name}.json not found: run the benchmark first "
+              f"(without --reproject)", file=sys.stderr)
+        return 2
+    command = result.pop("command")
+    for key in ("date", "bandwidth_gbps", "latency_us"):  # the latter two: an older format
+        result.pop(key, None)
+    result["projection"] = projection(args, result["results"], result["batch_per_rank"])
+    result["projection_command"] = bench_command(args.argv)
+    write_result(args.results, args.name, command, result, plot)
+    return 0
+
+
 def run(args) -> int:
+    if args.reproject:
+        return reproject(args)
     data = Path(args.data)
     _make_data(args, data)
     results = []
@@ -162,10 +192,9 @@ def run(args) -> int:
     write_result(args.results, args.name, bench_command(args.argv),
                  {"classes": args.classes, "steps": args.steps, "batch_per_rank": args.batch,
                   "sparse_ratio": args.ratio, "sparse_warmup_steps": args.warmup,
-                  "bandwidth_gbps": args.bandwidth_gbps, "latency_us": args.latency_us,
                   "overlap": "not built (comm.overlap is refused): not measured",
                   "host": host_load(), "results": results,
-                  "projection": projection(args, results)}, plot)
+                  "projection": projection(args, results, args.batch)}, plot)
     return 0
 
 
@@ -184,16 +213,18 @@ def plot(plt, result):
                    f"ratio {result['sparse_ratio']}")
     left.legend(fontsize=8)
     proj = result["projection"]
-    for variant, v in proj["variants"].items():
-        ps = sorted(int(p) for p in v["step_s"])
-        right.plot(ps, [v["step_s"][str(p)]["total"] for p in ps], marker="o", label=variant)
-        right.plot(ps, [v["step_s"][str(p)]["backbone_gradients"] for p in ps], ls=":",
-                   label=f"{variant}: gradients only")
+    styles = ["-", "--", ":", "-."]
+    for (variant, v), colour in zip(proj["variants"].items(), ["C0", "C1", "C2", "C3"]):
+        for gbps, style in zip(proj["bandwidths_gbps"], styles):
+            steps = v["step_s"][str(gbps)]
+            ps = sorted(int(p) for p in steps)
+            right.plot(ps, [steps[str(p)]["total"] for p in ps], marker="o", ls=style,
+                       color=colour, label=f"{variant}, {gbps:g} Gb/s")
     right.set_xscale("log", base=2)
     right.set_yscale("log")
     right.set_xlabel("ranks P")
     right.set_ylabel("projected step time (s)")
-    right.set_title(f"alpha-beta, {result['bandwidth_gbps']} Gb/s, {result['latency_us']} us "
+    right.set_title(f"alpha-beta projection, latency {proj['latency_us']} us "
                     f"(from np={proj['from_ranks']})")
     right.legend(fontsize=8)
     return fig

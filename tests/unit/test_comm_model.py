@@ -67,3 +67,25 @@ def test_sparse_variants_set_the_ratio_and_momentum_correction():
     assert comm.variant_sets(args, "sparse_mc") == [
         "comm.gradients=sparse", "comm.sparse_ratio=0.05", "comm.sparse_warmup_steps=3",
         "comm.momentum_correction=true"]
+
+
+def test_projection_takes_pair_bytes_and_compute_from_the_two_rank_runs():
+    parser = argparse.ArgumentParser()
+    comm.arguments(parser)
+    args = parser.parse_args(["--bandwidth-gbps", "10", "--latency-us", "2"])
+    sizes = comm.backbone_sizes(args)
+    small = sizes["small_bytes"]
+    runs = [{"ranks": 2, "variant": "dense", "grad_bytes_sent": sizes["grad_bytes"],
+             "median_step_s": 0.5, "median_comm_s": 0.1},
+            {"ranks": 2, "variant": "sparse", "grad_bytes_sent": 1000 + small,
+             "median_step_s": 0.3, "median_comm_s": 0.05},
+            {"ranks": 4, "variant": "dense", "grad_bytes_sent": 1, "median_step_s": 9,
+             "median_comm_s": 0}]
+    out = comm.projection(args, runs, batch=64)
+    assert out["from_ranks"] == 2 and out["compute_s"] == pytest.approx(0.4)
+    assert out["variants"]["sparse"]["pair_bytes"] == pytest.approx(1000)
+    net = Network.of(10, 2)
+    want = comm_model.step_s(net, 16, compute_s=0.4, batch=64, dim=sizes["dim"],
+                             grad_bytes=sizes["grad_bytes"], pair_bytes=1000, small_bytes=small,
+                             bn_channels=tuple(sizes["bn_channels"]))
+    assert out["variants"]["sparse"]["step_s"]["10.0"]["16"] == pytest.approx(want)
