@@ -17,13 +17,15 @@ class _GatherRows(torch.autograd.Function):
     SUM over ranks of the gradient rows that belong to its input (a reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, x, world, first_dims):
-        ctx.world, ctx.first_dims = world, list(first_dims)
-        return collectives.allgather(world, x, first_dims)
+    def forward(ctx, x, world, first_dims, kinds):
+        ctx.world, ctx.first_dims, ctx.kinds = world, list(first_dims), kinds
+        return collectives.allgather(world, x, first_dims, kinds[0])
 
     @staticmethod
     def backward(ctx, grad):
-        return collectives.reduce_scatter(ctx.world, grad.contiguous(), ctx.first_dims), None, None
+        back = collectives.reduce_scatter(ctx.world, grad.contiguous(), ctx.first_dims,
+                                          ctx.kinds[1])
+        return back, None, None, None
 
 
 class _ExchangeRows(torch.autograd.Function):
@@ -31,27 +33,32 @@ class _ExchangeRows(torch.autograd.Function):
     along the same route (the reverse alltoallv). Nothing is summed: each row has one owner."""
 
     @staticmethod
-    def forward(ctx, x, world, send_counts, recv_counts):
+    def forward(ctx, x, world, send_counts, recv_counts, kinds):
         ctx.world, ctx.send_counts, ctx.recv_counts = world, list(send_counts), list(recv_counts)
-        return collectives.alltoallv_known(world, x, send_counts, recv_counts)
+        ctx.kinds = kinds
+        return collectives.alltoallv_known(world, x, send_counts, recv_counts, kinds[0])
 
     @staticmethod
     def backward(ctx, grad):
         back = collectives.alltoallv_known(ctx.world, grad.contiguous(), ctx.recv_counts,
-                                           ctx.send_counts)
-        return back, None, None, None
+                                           ctx.send_counts, ctx.kinds[1])
+        return back, None, None, None, None
 
 
-def gather_rows(world, x: torch.Tensor, first_dims: Sequence[int]) -> torch.Tensor:
-    """Differentiable allgather along dim 0; see `_GatherRows` (backward sums over ranks)."""
+def gather_rows(world, x: torch.Tensor, first_dims: Sequence[int],
+                kinds: tuple[str, str] = ("other", "other")) -> torch.Tensor:
+    """Differentiable allgather along dim 0; see `_GatherRows` (backward sums over ranks).
+    `kinds`: the traffic kinds of the forward and the backward exchange."""
     if world.size == 1:
         return x
-    return _GatherRows.apply(x, world, first_dims)
+    return _GatherRows.apply(x, world, first_dims, tuple(kinds))
 
 
 def exchange_rows(world, x: torch.Tensor, send_counts: Sequence[int],
-                  recv_counts: Sequence[int]) -> torch.Tensor:
-    """Differentiable alltoallv along dim 0; see `_ExchangeRows` (backward routes back)."""
+                  recv_counts: Sequence[int],
+                  kinds: tuple[str, str] = ("other", "other")) -> torch.Tensor:
+    """Differentiable alltoallv along dim 0; see `_ExchangeRows` (backward routes back).
+    `kinds`: the traffic kinds of the forward and the backward exchange."""
     if world.size == 1:
         return x
-    return _ExchangeRows.apply(x, world, send_counts, recv_counts)
+    return _ExchangeRows.apply(x, world, send_counts, recv_counts, tuple(kinds))

@@ -6,7 +6,9 @@ interface, so the only copies are those MPI itself needs. On a one-rank World ev
 returns its input (or a view of it) without touching MPI.
 
 Every exchange adds the bytes this rank sends (as a ring or direct algorithm would) and its wall
-time to `world.traffic`, the source of the `bytes_sent` and `comm_time_s` metrics.
+time to `world.traffic`, the source of the `bytes_sent` and `comm_time_s` metrics; the bytes
+count under the call's `kind` (mpi.world.KINDS; "other" by default), the source of
+`bytes_by_kind`.
 
 Shapes: the first dimension is the one that is gathered, split or exchanged; trailing dimensions
 must agree across ranks. Functions that exchange a small header anyway (allgather without known
@@ -63,7 +65,8 @@ def _row_elems(t: torch.Tensor) -> int:
     return int(np.prod(t.shape[1:], dtype=np.int64)) if t.dim() > 1 else 1
 
 
-def allgather(world, t: torch.Tensor, first_dims: Sequence[int] | None = None) -> torch.Tensor:
+def allgather(world, t: torch.Tensor, first_dims: Sequence[int] | None = None,
+              kind: str = "other") -> torch.Tensor:
     """Concatenate every rank's `t` along dim 0, in rank order; equal or unequal first dims.
 
     With `first_dims` (each rank's dim-0 size, known to every rank, e.g. from the batch plan) no
@@ -84,7 +87,7 @@ def allgather(world, t: torch.Tensor, first_dims: Sequence[int] | None = None) -
     counts = np.asarray(first_dims, dtype=np.int64) * _row_elems(src)
     out = torch.empty((int(sum(first_dims)),) + tuple(src.shape[1:]), dtype=src.dtype)
     recv = _np(out).reshape(-1)
-    with world.traffic.timed(src.nbytes * (world.size - 1)):
+    with world.traffic.timed(src.nbytes * (world.size - 1), kind):
         world.comm.Allgatherv(_np(src).reshape(-1), [recv, counts])
     return _like(t, out)
 
@@ -154,7 +157,7 @@ def alltoallv(world, t: torch.Tensor, send_counts) -> tuple[torch.Tensor, list[i
 
 
 def alltoallv_known(world, t: torch.Tensor, send_counts: Sequence[int],
-                    recv_counts: Sequence[int]) -> torch.Tensor:
+                    recv_counts: Sequence[int], kind: str = "other") -> torch.Tensor:
     """`alltoallv` when both sides' counts are already known (the reverse leg of an exchange,
     e.g. gradients returning along the route the forward took): no header round."""
     _check_dtype(t, "alltoallv_known")
@@ -165,7 +168,7 @@ def alltoallv_known(world, t: torch.Tensor, send_counts: Sequence[int],
     out = torch.empty((int(sum(recv_counts)),) + tuple(src.shape[1:]), dtype=src.dtype)
     send_elems = np.asarray(send_counts, dtype=np.int64) * row
     sent = int(send_elems.sum() - send_elems[world.rank]) * src.element_size()
-    with world.traffic.timed(sent):
+    with world.traffic.timed(sent, kind):
         world.comm.Alltoallv([_np(src).reshape(-1), send_elems],
                              [_np(out).reshape(-1), np.asarray(recv_counts, dtype=np.int64) * row])
     return _like(t, out)
@@ -218,7 +221,8 @@ def allreduce_(world, t: torch.Tensor, op: str = "sum", kind: str = "other") -> 
     return t
 
 
-def reduce_scatter(world, t: torch.Tensor, counts: Sequence[int] | None = None) -> torch.Tensor:
+def reduce_scatter(world, t: torch.Tensor, counts: Sequence[int] | None = None,
+                   kind: str = "other") -> torch.Tensor:
     """Sum `t` over ranks and give rank r the rows [offset_r, offset_r + counts[r]) of the sum.
 
     `counts` (rows per rank) defaults to a balanced split of dim 0 (as `class_counts`). All ranks
@@ -238,7 +242,7 @@ def reduce_scatter(world, t: torch.Tensor, counts: Sequence[int] | None = None) 
     src = _host(t)
     row = _row_elems(src)
     out = torch.empty((counts[world.rank],) + tuple(src.shape[1:]), dtype=src.dtype)
-    with world.traffic.timed(src.nbytes * (world.size - 1) // world.size):
+    with world.traffic.timed(src.nbytes * (world.size - 1) // world.size, kind):
         world.comm.Reduce_scatter(_np(src).reshape(-1), _np(out).reshape(-1),
                                   recvcounts=[c * row for c in counts], op=_mpi_op("sum"))
     return _like(t, out)

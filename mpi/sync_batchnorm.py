@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mpi import collectives
+from mpi.world import Traffic
 
 
 def _channels_last_2d(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         local_mean = flat.mean(0)
         local = torch.cat([torch.tensor([flat.shape[0]], dtype=flat.dtype), local_mean,
                            ((flat - local_mean) ** 2).sum(0)]).unsqueeze(0)
-        per_rank = collectives.allgather(world, local, [1] * world.size)  # P x (1 + 2C)
+        per_rank = collectives.allgather(world, local, [1] * world.size, Traffic.BATCHNORM)
         counts = per_rank[:, :1]
         count = counts.sum()
         means, m2s = per_rank[:, 1:1 + channels], per_rank[:, 1 + channels:]
@@ -59,7 +60,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
         shape = _per_channel_shape(xhat)
         dxhat = grad_y * weight.view(shape)
         flat_d, flat_dx = _channels_last_2d(dxhat), _channels_last_2d(dxhat * xhat)
-        sums = collectives.allreduce(ctx.world, torch.cat([flat_d.sum(0), flat_dx.sum(0)]))
+        sums = collectives.allreduce(ctx.world, torch.cat([flat_d.sum(0), flat_dx.sum(0)]),
+                                     kind=Traffic.BATCHNORM)
         channels = xhat.shape[1]
         mean_d, mean_dx = sums[:channels] / count, sums[channels:] / count
         grad_x = (dxhat - mean_d.view(shape) - xhat * mean_dx.view(shape)) * invstd.view(shape)

@@ -31,10 +31,27 @@ _LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORL
 class Traffic:
     """What this rank sent and how long it waited in collectives, since the last `reset()`.
 
-    `by_kind` splits `bytes_sent` by what was sent: the backbone-gradient exchange counts
-    under GRADIENTS (the `grad_bytes_sent` metric), everything else under "other"."""
+    `by_kind` splits `bytes_sent` by what was sent (KINDS): the backbone-gradient exchange
+    counts under GRADIENTS (the `grad_bytes_sent` metric); the classifier's allgather of the
+    batch's features under FEATURES, its reverse (the reduce-scatter of their gradients) under
+    FEATURE_GRADIENTS, the labels' allgather under LABELS, the softmax's exchanges of logit
+    statistics (full/sampled: row max and row sums) and of pair similarities and their
+    gradients (knn) under LOGITS; the synchronized batch norm's statistics (an allgather of
+    1 + 2 C values per layer forward, an allreduce of 2 C backward) under BATCHNORM; a KNN
+    graph build's ring passes, and the whole of a
+    background build (added at its swap), under KNN_GRAPH; everything else (batch sizes, the
+    loss, stop flags, a synchronous build's other collectives) under OTHER."""
 
     GRADIENTS = "backbone_gradients"
+    FEATURES = "features"
+    FEATURE_GRADIENTS = "feature_gradients"
+    LOGITS = "logits"
+    LABELS = "labels"
+    BATCHNORM = "batchnorm"
+    KNN_GRAPH = "knn_graph"
+    OTHER = "other"
+    KINDS = (FEATURES, LOGITS, FEATURE_GRADIENTS, GRADIENTS, LABELS, BATCHNORM, KNN_GRAPH,
+             OTHER)
 
     bytes_sent: int = 0
     seconds: float = 0.0

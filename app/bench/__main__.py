@@ -15,6 +15,9 @@ the exact command that produced them) and a PNG.
   knn       the KNN softmax benchmark: runs the parts above with the settings the KNN softmax
             is judged by (--parts; none = only the summary), then checks its targets against
             their newest results and writes knn_targets.json / .png
+  comm      bytes per step by kind, step time and top-1 with dense and sparse backbone
+            gradients at 2 and 4 ranks, and an alpha-beta projection of the step time to
+            8..256 ranks (app/bench/comm.py)
   predict   queries/s and recall@1/@5 of index search (faiss IVF, HNSW) against exact search
             over 10^5..10^7 classes, one process, with each index's memory
             (app/bench/predict.py)
@@ -117,6 +120,12 @@ def parser() -> argparse.ArgumentParser:
                                               "/ .png)"))
     _refresh_arguments(sub.add_parser("refresh", help="step time with a sync against a "
                                                       "background KNN graph refresh"))
+    from app.bench import comm  # noqa: PLC0415 - imports nothing heavy
+
+    cm = sub.add_parser("comm", help="bytes by kind, dense against sparse gradients, and a "
+                                     "projection to 8..256 ranks (app/bench/comm.py)")
+    comm.arguments(cm)
+    _results_argument(cm)
     return p
 
 
@@ -145,6 +154,10 @@ def main(argv=None) -> int:
         from app.bench import step  # noqa: PLC0415
 
         return step.run(args)
+    if args.what == "comm":
+        from app.bench import comm  # noqa: PLC0415
+
+        return comm.run(args)
     if args.what == "refresh":
         from app.bench import refresh  # noqa: PLC0415
 

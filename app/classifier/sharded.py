@@ -18,6 +18,7 @@ from common.keyed_random import BLOCK_ROWS, fill_keyed_rows
 from mpi import collectives
 from mpi.autograd import exchange_rows, gather_rows
 from mpi.partition import class_range
+from mpi.world import Traffic
 
 
 def init_rows(seed: int, start: int, stop: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -119,8 +120,9 @@ class ShardedClassifier:
         w.r.t. its own features. Every rank must pass the same batch size (checked: a ValueError
         on every rank otherwise)."""
         sizes = self._equal_batch_sizes(feat_bD.shape[0])
-        labels_N = collectives.allgather(self.world, labels_b, sizes)
-        feat_ND = gather_rows(self.world, feat_bD, sizes)
+        labels_N = collectives.allgather(self.world, labels_b, sizes, Traffic.LABELS)
+        feat_ND = gather_rows(self.world, feat_bD, sizes,
+                              (Traffic.FEATURES, Traffic.FEATURE_GRADIENTS))
         if self.cfg.mode == "knn":
             return self._knn_loss(feat_ND, labels_N, feat_bD.shape[0], step)
         cols = self.columns(labels_N, step)
@@ -162,7 +164,7 @@ class ShardedClassifier:
         sim_p = pair_similarities(feat_ND, weight_leaf, inv_p, plan.mine_p // num_active,
                                   self.cfg.logit)
         sim_recv = exchange_rows(self.world, sim_p.unsqueeze(1), plan.send_counts,
-                                 plan.recv_counts).squeeze(1)
+                                 plan.recv_counts, (Traffic.LOGITS, Traffic.LOGITS)).squeeze(1)
         sim_bA = assemble(sim_recv, plan, per_rank)
         target_b = torch.zeros(per_rank, dtype=torch.int64)  # column 0 is the label
         logits_bA = sim_bA * self.cfg.scale if self.cfg.logit == "cosine" else sim_bA

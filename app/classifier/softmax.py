@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mpi import collectives
+from mpi.world import Traffic
 
 
 def class_logits(feat_ND: torch.Tensor, weight_cD: torch.Tensor, logit: str,
@@ -66,13 +67,14 @@ class _ShardedCrossEntropy(torch.autograd.Function):
             local_max_N = logits_Nc.max(dim=1).values
         else:
             local_max_N = torch.full((num_rows,), -math.inf, dtype=logits_Nc.dtype)
-        max_N = collectives.allreduce(world, local_max_N, "max")
+        max_N = collectives.allreduce(world, local_max_N, "max", Traffic.LOGITS)
         exp_Nc = (logits_Nc - max_N.unsqueeze(1)).exp_()
         owned = target_N >= 0
         pos_N = torch.zeros(num_rows, dtype=logits_Nc.dtype)
         pos_N[owned] = logits_Nc[owned, target_N[owned]]
         # One allreduce carries both the row sum of exponentials and the positive's logit.
-        sums_N2 = collectives.allreduce(world, torch.stack([exp_Nc.sum(dim=1), pos_N], dim=1))
+        sums_N2 = collectives.allreduce(world, torch.stack([exp_Nc.sum(dim=1), pos_N], dim=1),
+                                        kind=Traffic.LOGITS)
         sum_exp_N, pos_N = sums_N2[:, 0], sums_N2[:, 1]
         loss_N = torch.log(sum_exp_N) + max_N - pos_N
         exp_Nc.div_(sum_exp_N.unsqueeze(1))  # now the softmax; kept for backward

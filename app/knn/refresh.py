@@ -33,7 +33,7 @@ from app.knn.random_graph import random_graph
 from app.knn.recall import recall_at_k
 from app.knn.search import LocalGraph, build_graph
 from mpi.agree import SetupError, agree, decide_on_root
-from mpi.world import thread_multiple
+from mpi.world import Traffic, thread_multiple
 
 
 @dataclass
@@ -234,7 +234,7 @@ class GraphRefresher:
         built = self._result()
         if background:  # the build thread's own counters (a sync build's are counted)
             self.built_s += built.seconds
-            self.world.traffic.bytes_sent += built.bytes_sent
+            self.world.traffic.count(built.bytes_sent, Traffic.KNN_GRAPH)
         self.pending = None
         self._use(built, classifier)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mpi import collectives
+from mpi.world import Traffic
 
 # Query rows per travelling chunk: bounds the memory of a block (and of faiss's result heaps).
 CHUNK_ROWS = 65_536
@@ -58,7 +59,7 @@ def sendrecv(world, block: dict, rows: int) -> dict:
     for tag, name in enumerate(sorted(block)):
         send = np.ascontiguousarray(block[name])
         recv = np.empty((rows,) + send.shape[1:], dtype=send.dtype)
-        with world.traffic.timed(send.nbytes):
+        with world.traffic.timed(send.nbytes, Traffic.KNN_GRAPH):
             world.comm.Sendrecv(send, dest=dest, sendtag=tag, recvbuf=recv, source=source,
                                 recvtag=tag)
         out[name] = recv

@@ -25,8 +25,12 @@ class MetricsWindow:
         """The metrics line (units in the key names) for the steps since the last flush; reads
         and resets this rank's traffic counters. `bytes_sent` (all of this rank's traffic) and
         `grad_bytes_sent` (its backbone-gradient part) are means per step, as counted by the
-        code that sends (mpi/collectives.py, mpi/sparse.py, data_parallel.step)."""
+        code that sends (mpi/collectives.py, mpi/sparse.py, data_parallel.step);
+        `bytes_by_kind` splits `bytes_sent` by Traffic.KINDS (kinds with no bytes absent; each
+        a mean per step rounded down, so the values may sum to a few bytes under
+        `bytes_sent`)."""
         n = max(self.steps, 1)
+        by_kind = {k: v // n for k, v in sorted(world.traffic.by_kind.items())}
         grad_sent = world.traffic.by_kind.get(Traffic.GRADIENTS, 0)
         sent, comm_s = world.traffic.reset()
         record = {
@@ -34,6 +38,7 @@ class MetricsWindow:
             "samples_per_s": global_batch * self.steps / max(self.seconds, 1e-9),
             "step_time_s": self.seconds / n, "comm_time_s": (comm_s + self.hvd_wait) / n,
             "bytes_sent": sent // n, "grad_bytes_sent": grad_sent // n,
+            "bytes_by_kind": by_kind,
             "rows_updated": self.rows // n, "peak_rss_mb": round(peak_rss_mb(), 1),
             "knn_build_s": self.knn_build_s, "graph_wait_s": self.graph_wait_s,
         }

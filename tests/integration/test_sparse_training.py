@@ -52,6 +52,9 @@ def test_sparse_training_learns_and_resumes_exactly(vectors_dataset, tmp_path, v
     for record in metrics(tmp_path / "whole")[4:]:  # after the warm-up
         assert 0 < record["grad_bytes_sent"] < dense_bytes / 4, (record, dense_bytes)
         assert record["bytes_sent"] > record["grad_bytes_sent"]
+        by_kind = record["bytes_by_kind"]
+        assert by_kind["backbone_gradients"] == record["grad_bytes_sent"]
+        assert 0 <= record["bytes_sent"] - sum(by_kind.values()) < len(by_kind), record
     crashed = train(2, vectors_dataset, tmp_path / "crash", 16, 24, "train.checkpoint_every=8",
                     "train.crash_at_step=11", *extra)
     assert crashed.returncode != 0 and "injected failure" in crashed.stderr

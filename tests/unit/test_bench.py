@@ -20,7 +20,7 @@ def test_graph_subcommand_takes_its_own_options():
     assert "--classes" in out and "--settings" in out and "refresh" in out
 
 
-@pytest.mark.parametrize("subcommand", ["", "step", "accuracy", "knn"])
+@pytest.mark.parametrize("subcommand", ["", "step", "accuracy", "knn", "comm"])
 def test_help_of_the_command_and_each_subcommand(subcommand):
     out = help_text("app.bench", *filter(None, [subcommand]))
     assert out.startswith("usage: python -m app.bench")
