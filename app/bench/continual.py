@@ -133,7 +133,7 @@ def _case_settings(args, case: str) -> tuple[list[str], int]:
     eval_every = max(1, args.eval_every // f)
     return [f"train.eval_every={eval_every}", f"train.batch_size={args.batch * f}", *adaptive,
             "optim.name=lars", f"optim.lr={args.lars_lr}",
-            f"optim.classifier_lr={cfg['optim']['classifier_lr'] * f}",
+            f"optim.classifier_lr={(cfg['optim']['classifier_lr'] or cfg['optim']['lr']) * f}",
             f"schedule.warmup_steps={max(1, cfg['schedule']['warmup_steps'] // f)}",
             f"schedule.adaptive_window={max(2, _window(args) // f)}"], max(1, args.steps // f)
 
@@ -147,7 +147,7 @@ def _config_values(path: str) -> dict:
     from app.config import load_config  # noqa: PLC0415
 
     cfg = load_config(path, [])
-    return {"optim": {"classifier_lr": cfg.optim.classifier_lr},
+    return {"optim": {"classifier_lr": cfg.optim.classifier_lr, "lr": cfg.optim.lr},
             "schedule": {"warmup_steps": cfg.schedule.warmup_steps}}
 
 
