@@ -16,6 +16,8 @@ classes separately, app/evaluate.py):
                 learning rates scaled by it), at most `--steps / --large-batch` steps: the same
                 samples as a
 
+c and d start at the config's learning rates, v1's peak, times `--init-lr-scale` (default 1).
+
 The target is `--target-fraction` (0.95) of a's final top-1 over all classes; each case reports
 the first evaluated step at or above it (and its samples), and its final top-1 over old and new
 classes, so forgetting of the old classes shows. Runs are kept under `--runs`; `--reuse` keeps a
@@ -58,6 +60,9 @@ def arguments(p) -> None:
                    "schedule.adaptive_threshold=0.01", "schedule.min_lr_ratio=0.01",
                    "schedule.adaptive_stop=true"],
                    help="schedule overrides of c and d besides schedule.decay=adaptive")
+    p.add_argument("--init-lr-scale", type=float, default=1.0,
+                   help="c and d start from v1 at the config's learning rates (backbone and "
+                        "classifier; d: --lars-lr) times this (default 1: v1's peak rates)")
     p.add_argument("--target-fraction", type=float, default=0.95)
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     p.add_argument("--np", type=int, default=2)
@@ -122,18 +127,21 @@ def _case_settings(args, case: str) -> tuple[list[str], int]:
     """(overrides, steps) of a case on v2."""
     every = [f"train.eval_every={args.eval_every}", f"train.batch_size={args.batch}"]
     adaptive = ["model.new_rows=centres", "schedule.decay=adaptive", *args.adaptive]
+    cfg = _config_values(args.config)
+    scale = args.init_lr_scale
+    classifier_lr = (cfg["optim"]["classifier_lr"] or cfg["optim"]["lr"]) * scale
     if case == "a":
         return every, args.steps
     if case == "b":
         return every + ["model.new_rows=random"], args.steps
     if case == "c":
-        return every + adaptive, args.steps
+        return every + adaptive + [f"optim.lr={cfg['optim']['lr'] * scale}",
+                                   f"optim.classifier_lr={classifier_lr}"], args.steps
     f = args.large_batch
-    cfg = _config_values(args.config)
     eval_every = max(1, args.eval_every // f)
     return [f"train.eval_every={eval_every}", f"train.batch_size={args.batch * f}", *adaptive,
-            "optim.name=lars", f"optim.lr={args.lars_lr}",
-            f"optim.classifier_lr={(cfg['optim']['classifier_lr'] or cfg['optim']['lr']) * f}",
+            "optim.name=lars", f"optim.lr={args.lars_lr * scale}",
+            f"optim.classifier_lr={classifier_lr * f}",
             f"schedule.warmup_steps={max(1, cfg['schedule']['warmup_steps'] // f)}",
             f"schedule.adaptive_window={max(2, _window(args) // f)}"], max(1, args.steps // f)
 
@@ -196,6 +204,7 @@ def run(args) -> int:
     result = {"kind": args.kind, "classes_v1": args.classes,
               "classes_v2": args.classes + round(args.classes * args.new_fraction),
               "ranks": args.np, "config": args.config, "large_batch": args.large_batch,
+              "init_lr_scale": args.init_lr_scale,
               "v1": base, "cases": cases, **summarise(cases, args.target_fraction),
               "host": host_load()}
     for name, row in result["table"].items():
