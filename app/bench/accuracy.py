@@ -17,14 +17,6 @@ from app.bench import launch
 from app.bench.results import bench_command, write_result
 
 
-def _make_data(args, data: Path) -> None:
-    """The synthetic data set at `data`, unless one is there already."""
-    if (data / "dataset.json").exists():
-        return
-    launch.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(data), "--num-classes",
-                str(args.classes), "--per-class", str(args.per_class), "--val-per-class", "2",
-                "--dim", "128", "--seed", "0"], check=True)
-
 
 def _train(args, data: Path, spec: str) -> dict | None:
     """One training run with the overrides of `spec` (a fresh out_dir); its entry of the
@@ -54,7 +46,7 @@ def _train(args, data: Path, spec: str) -> dict | None:
 
 def run(args) -> int:
     data = Path(args.data)
-    _make_data(args, data)
+    launch.synthetic_data(data, args.classes, args.per_class, 2)
     results = []
     for spec in args.configs:
         entry = _train(args, data, spec)

@@ -69,13 +69,6 @@ def arguments(c) -> None:
     c.add_argument("--name", default="comm")
 
 
-def _make_data(args, data: Path) -> None:
-    if (data / "dataset.json").exists():
-        return
-    launch.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(data), "--num-classes",
-                str(args.classes), "--per-class", str(args.per_class), "--val-per-class", "2",
-                "--dim", "128", "--seed", "0"], check=True)
-
 
 def variant_sets(args, variant: str) -> list[str]:
     if variant == "dense":
@@ -178,7 +171,7 @@ def run(args) -> int:
     if args.reproject:
         return reproject(args)
     data = Path(args.data)
-    _make_data(args, data)
+    launch.synthetic_data(data, args.classes, args.per_class, 2)
     results = []
     for ranks in args.ranks:
         for variant in args.variants:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from app.bench.results import ROOT
 
@@ -25,3 +26,13 @@ def run(cmd: list[str], echo: bool = True, **kwargs) -> subprocess.CompletedProc
     if echo:
         print("running:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, env=run_env(), **kwargs)
+
+
+def synthetic_data(data, classes: int, per_class: int, val_per_class: int) -> None:
+    """The structured synthetic data set (data_prep.synthetic, D = 128, seed 0) at `data`, unless
+    one is there already."""
+    if (Path(data) / "dataset.json").exists():
+        return
+    run([sys.executable, "-m", "data_prep.synthetic", "--out", str(data), "--num-classes",
+         str(classes), "--per-class", str(per_class), "--val-per-class", str(val_per_class),
+         "--dim", "128", "--seed", "0"], check=True)

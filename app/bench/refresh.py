@@ -22,14 +22,6 @@ from app.bench import launch
 from app.bench.results import bench_command, host_load, write_result
 
 
-def _make_data(args, data: Path) -> None:
-    """The synthetic data set at `data`, unless one is there already."""
-    if (data / "dataset.json").exists():
-        return
-    launch.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(data), "--num-classes",
-                str(args.classes), "--per-class", str(args.per_class), "--val-per-class", "1",
-                "--dim", "128", "--seed", "0"], check=True)
-
 
 def _train(args, data: Path, mode: str, lag: int) -> dict | None:
     """One run in `mode` with `lag`; its entry of the result, or None where it failed."""
@@ -65,7 +57,7 @@ def _train(args, data: Path, mode: str, lag: int) -> dict | None:
 
 def run(args) -> int:
     data = Path(args.data)
-    _make_data(args, data)
+    launch.synthetic_data(data, args.classes, args.per_class, 1)
     results = []
     for mode, lag in (("sync", 0), ("background", args.lag)):
         entry = _train(args, data, mode, lag)

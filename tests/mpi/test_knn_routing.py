@@ -16,7 +16,7 @@ from app.classifier import ShardedClassifier
 from app.classifier.knn_softmax import plan_pairs
 from app.config import OptimConfig, SoftmaxConfig
 from mpi import collectives
-from tests.mpi.shard_step import shard_step
+from tests.softmax_reference import shard_step
 
 PER_RANK, DIM, STEP = 4, 6, 5
 

@@ -13,7 +13,7 @@ import torch
 from app.classifier import ShardedClassifier
 from app.config import OptimConfig, SoftmaxConfig
 from mpi import collectives
-from tests.mpi.shard_step import shard_step
+from tests.softmax_reference import shard_step
 
 RATE, PER_RANK, DIM, LR = 0.1, 4, 8, 0.5
 LOGITS = [("cosine", 0.2, "cosface"), ("cosine", 0.3, "arcface"), ("dot", 0.0, "cosface")]
