@@ -47,6 +47,8 @@ def arguments(p) -> None:
     p.add_argument("--classes", type=int, default=20_000, help="classes of catalogue v1")
     p.add_argument("--new-fraction", type=float, default=0.25, help="v2 adds this share of v1")
     p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--val-per-class", type=int, default=2,
+                   help="val samples per class: the evaluation's noise (default: 2)")
     p.add_argument("--dim", type=int, default=128, help="input dimension (vectors)")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--config", help="default: configs/demo.yaml (vectors), configs/images.yaml")
@@ -80,7 +82,8 @@ def _datasets(args, root: Path) -> tuple[Path, Path]:
             if args.kind == "images" else []
         launch.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(v1),
                     "--num-classes", str(args.classes), "--per-class", str(args.per_class),
-                    "--val-per-class", "2", "--dim", str(args.dim), "--seed", "0", *kind,
+                    "--val-per-class", str(args.val_per_class), "--dim", str(args.dim),
+                    "--seed", "0", *kind,
                     "--overwrite"], check=True)
     if not (v2 / "dataset.json").exists():
         launch.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(v2), "--grow-from",
