@@ -133,6 +133,13 @@ class TrainConfig:
         C_old.. of an `--init-from` run; every row otherwise): the backbone runs in eval mode
         without gradients (weights and batch-norm statistics unchanged) and the known rows keep
         weight and momentum; the step count, schedule and data order go on as usual. 0 = off.
+    precision: `fp32`, or `bf16`: the backbone's forward pass (and so its backward) runs under
+        torch.autocast with bfloat16 on the device its input is on (the CPU too: slower, but
+        it works); its features are cast to float32 before the classifier, whose logits,
+        softmax and loss are always float32 (app/training/precision.py). Needs dtype float32.
+        Evaluation and the class centres stay float32.
+    rows_dtype: the storage of the classifier rows: `fp32` only in this version (`bf16`, bf16
+        rows with float32 master rows for the optimizer, is refused as not available).
     checkpoint_at_start: also write a checkpoint of the initial state (step 0: loaded and
         initialised rows, backbone) before the first step, e.g. to evaluate an `--init-from`
         start with app.evaluate.
@@ -151,6 +158,8 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     freeze_backbone_steps: int = 0
     checkpoint_at_start: bool = False
+    precision: str = "fp32"
+    rows_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "eval_batch_size", "keep_checkpoints"):
@@ -160,6 +169,14 @@ class TrainConfig:
         _check_at_least("train.crash_at_step", self.crash_at_step, -1)
         _check_choice("train.dtype", self.dtype, ("float32", "float64"))
         _check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        if self.precision == "bf16" and self.dtype != "float32":
+            raise ValueError(f"train.precision: bf16 needs train.dtype=float32 (autocast leaves "
+                             f"{self.dtype} tensors as they are), got train.dtype={self.dtype}")
+        _check_choice("train.rows_dtype", self.rows_dtype, ("fp32", "bf16"))
+        if self.rows_dtype == "bf16":
+            raise ValueError("train.rows_dtype: bf16 (bf16 rows with float32 master rows) is not "
+                             "available in this version; use fp32")
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
+        # Under bfloat16 autocast (train.precision=bf16) the statistics are taken in the
+        # parameters' precision, as torch's BatchNorm takes them in float32 for a bf16 input.
+        x = x.to(self.weight.dtype)
         if not self.training:
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
                                             self.bias, False, 0.0, self.eps)

@@ -39,30 +39,56 @@ def dense_reference(feat, labels, weight, softmax_cfg):
     return loss.detach(), feat.grad, weight.grad
 
 
+# train.precision=bf16: the classifier is float32 and its features went through a bf16 backbone.
+# Compared with the float64 reference on the unrounded features, to bf16's precision: its 8-bit
+# significand rounds each feature to 2^-9 relative, which the cosine scale (8) magnifies.
+BF16_TOLERANCE = {"rtol": 3e-2, "atol": 3e-3}
+FP64_TOLERANCE = {"rtol": 1e-6, "atol": 1e-12}
+
+
+def bf16_backbone_features(x_bD):
+    """x through an identity Linear under train.precision=bf16 (app/training/precision.py): the
+    features the classifier gets are x rounded to bfloat16, then cast to float32; the gradient
+    comes back through the casts as float32."""
+    from app.training.precision import backbone_features
+
+    eye = torch.nn.Linear(x_bD.shape[1], x_bD.shape[1], bias=False).to(x_bD.dtype)
+    with torch.no_grad():
+        eye.weight.copy_(torch.eye(x_bD.shape[1]))
+    feat_bD = backbone_features(eye, x_bD, "bf16")
+    assert feat_bD.dtype == torch.float32 and not torch.equal(feat_bD, x_bD.float())  # rounded
+    return feat_bD
+
+
 def check_classifier_parity(world, softmax_cfg, per_rank=5, num_classes=23, dim=6, seed=0,
-                            graph=None):
+                            graph=None, precision="fp32"):
     """Run ShardedClassifier.loss on this rank's slice and compare loss, feature gradient and
-    every row gradient it produced with the dense reference, to 1e-6 relative in float64.
-    Returns the global ids of the rows that received a gradient on this rank."""
+    every row gradient it produced with the dense reference, to 1e-6 relative in float64
+    (`precision` fp32), or to BF16_TOLERANCE with a float32 classifier fed by a bf16 backbone
+    (`bf16`). Returns the global ids of the rows that received a gradient on this rank."""
     from app.classifier import ShardedClassifier
     from app.config import OptimConfig
 
     feat, labels, weight = make_problem(seed, world.size, per_rank, num_classes, dim)
     ref_loss, ref_dfeat, ref_dweight = dense_reference(feat, labels, weight, softmax_cfg)
 
+    dtype = torch.float64 if precision == "fp32" else torch.float32
+    tolerance = FP64_TOLERANCE if precision == "fp32" else BF16_TOLERANCE
     clf = ShardedClassifier(world, num_classes, dim, softmax_cfg, OptimConfig(), seed,
-                            dtype=torch.float64)
+                            dtype=dtype)
     clf.weight_cD.copy_(weight[clf.start:clf.stop])
     lo = world.rank * per_rank
-    feat_b = feat[lo:lo + per_rank].clone().requires_grad_()
+    x_b = feat[lo:lo + per_rank].to(dtype).clone().requires_grad_()
+    feat_b = x_b if precision == "fp32" else bf16_backbone_features(x_b)
     if graph is not None:
         clf.set_graph(graph)
     loss, value = clf.loss(feat_b, labels[lo:lo + per_rank], step=3)
     loss.backward()
-    torch.testing.assert_close(value, ref_loss, rtol=1e-6, atol=1e-12)
-    torch.testing.assert_close(feat_b.grad, ref_dfeat[lo:lo + per_rank], rtol=1e-6, atol=1e-12)
+    assert value.dtype == dtype and x_b.grad.dtype == dtype
+    torch.testing.assert_close(value.double(), ref_loss, **tolerance)
+    torch.testing.assert_close(x_b.grad.double(), ref_dfeat[lo:lo + per_rank], **tolerance)
     rows, grads = clf.row_grads()
-    torch.testing.assert_close(grads, ref_dweight[rows], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(grads.double(), ref_dweight[rows], **tolerance)
     # Rows that did not take part must have no gradient in the reference either, unless the
     # mode samples (then the reference's gradient for them is what sampling leaves out).
     return rows

@@ -32,6 +32,7 @@ from app.knn import GraphRefresher
 from app.model import as_input, build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
 from app.training import data_parallel, init_from, optimizers
+from app.training.precision import backbone_features
 from app.training.metrics import MetricsWindow
 from app.training.plan import make_run_plan
 from app.training.run_dir import RunLock, check_run_dir, prepare_run_dir, repair_logs
@@ -357,7 +358,8 @@ class Trainer:
         # The forward pass moves the batch-norm running statistics: kept to put them back.
         buffers = [b.clone() for b in self.backbone.buffers()]
         frozen = step < self.cfg.train.freeze_backbone_steps
-        feat_bD = self._frozen_features(x_b) if frozen else self.backbone(x_b)
+        feat_bD = (self._frozen_features(x_b) if frozen
+                   else backbone_features(self.backbone, x_b, self.cfg.train.precision))
         loss, loss_value = self.classifier.loss(feat_bD, labels_b, step)
         value = loss_value.item()
         if not math.isfinite(value):
@@ -380,7 +382,7 @@ class Trainer:
         statistics stay as they are (train.freeze_backbone_steps)."""
         self.backbone.eval()
         try:
-            return self.backbone(x_b)
+            return backbone_features(self.backbone, x_b, self.cfg.train.precision)
         finally:
             self.backbone.train()
 

@@ -25,6 +25,20 @@ def test_parity_with_dense_reference(world, mode, logit, margin, margin_type, nu
     assert sorted(all_rows.tolist()) == list(range(num_classes))
 
 
+@pytest.mark.parametrize("mode", ["full", "sampled", "knn"])
+@pytest.mark.parametrize("logit,margin,margin_type", [LOGITS[1], LOGITS[3]])
+def test_parity_with_bf16_backbone_features(world, mode, logit, margin, margin_type):
+    """train.precision=bf16: features from a bf16 backbone into the float32 classifier on P ranks
+    equal the float64 one-process reference to bf16's precision (BF16_TOLERANCE)."""
+    cfg = SoftmaxConfig(mode=mode, sample_rate=1.0, k=23, random_negatives=0, logit=logit,
+                        scale=8.0 if logit == "cosine" else 1.0, margin=margin,
+                        margin_type=margin_type)
+    graph = FullGraph(23) if mode == "knn" else None
+    rows = check_classifier_parity(world, cfg, graph=graph, precision="bf16")
+    all_rows = collectives.allgather(world, rows)
+    assert sorted(all_rows.tolist()) == list(range(23))
+
+
 def test_sampled_rows_cover_positives(world):
     from app.classifier import ShardedClassifier
     from app.config import OptimConfig

@@ -114,6 +114,11 @@ def test_demo_config_is_the_documented_run():
     (["knn.refresh_mode=background"],
      "knn.refresh_lag: 0 leaves a background build no steps to run beside"),
     (["train.dtype=float16"], "train.dtype: 'float16' not one of float32|float64"),
+    (["train.precision=fp16"], "train.precision: 'fp16' not one of fp32|bf16"),
+    (["train.precision=bf16", "train.dtype=float64"],
+     "train.precision: bf16 needs train.dtype=float32"),
+    (["train.rows_dtype=bf16"], "train.rows_dtype: bf16 (bf16 rows with float32 master rows) is "
+                                "not available in this version"),
     (["train.batch_size=0"], "train.batch_size: 0 out of range, must be >= 1"),
     (["softmax.sample_rate=1.5"], "softmax.sample_rate: 1.5 out of range, must be in (0, 1]"),
     (["softmax.k=0"], "softmax.k: 0 out of range, must be >= 1"),

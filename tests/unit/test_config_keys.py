@@ -69,6 +69,9 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
                            "train.on_nonfinite=stop"),
     "train.freeze_backbone_steps": ([], "train.freeze_backbone_steps=2"),
     "train.checkpoint_at_start": ([], "train.checkpoint_at_start=true"),
+    # The backbone under bf16 autocast: other features, so other losses and weights.
+    "train.precision": ([], "train.precision=bf16"),
+    "train.rows_dtype": ([], "train.rows_dtype=bf16"),  # refused: not available
     "softmax.mode": ([], "softmax.mode=sampled"),
     "softmax.k": (KNN, "softmax.k=4"),
     "softmax.random_negatives": (KNN, "softmax.random_negatives=4"),
