@@ -26,14 +26,13 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from app.config_sections import (CommConfig, KnnConfig, SoftmaxConfig, _check_at_least,
                                  _check_choice, _check_fraction, _check_momentum,
                                  _check_not_empty, _fail)
-from app.config_yaml import assign, field_types, read_yaml, yaml_problem
+
+# yaml and omegaconf are imported where files are read and written (load_config,
+# config_to_yaml): the dataclasses alone need neither, so `python -m app.bench gpu` runs on a
+# node that has only torch, numpy and h5py.
 
 
 @dataclass(frozen=True)
@@ -323,6 +322,12 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     unknown key, a value of the wrong type or outside its range, an unreadable or malformed file,
     or an override without '='.
     """
+    import yaml  # noqa: PLC0415 - see the imports above
+    from omegaconf import OmegaConf  # noqa: PLC0415
+    from omegaconf.errors import OmegaConfBaseException  # noqa: PLC0415
+
+    from app.config_yaml import assign, field_types, read_yaml, yaml_problem  # noqa: PLC0415
+
     conf = OmegaConf.structured(Config)
     # Frozen dataclasses make every node read-only; the merge writes into this private copy
     # and the frozen Config built at the end is what callers see.
@@ -352,6 +357,8 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
 
 def config_to_yaml(cfg: Config) -> str:
     """The resolved config as YAML, in field order; `load_config` reads it back unchanged."""
+    import yaml  # noqa: PLC0415
+
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, default_flow_style=False)
 
 

@@ -21,6 +21,9 @@ the exact command that produced them) and a PNG.
   predict   queries/s and recall@1/@5 of index search (faiss IVF, HNSW) against exact search
             over 10^5..10^7 classes, one process, with each index's memory
             (app/bench/predict.py)
+  gpu       one process on one GPU: samples/s of full and knn at 10^6..10^8 classes, peak
+            memory against rows + optimizer state + graph, the most classes that fit, an
+            exact graph build's time; needs only torch, numpy and h5py (app/bench/gpu.py)
 
 Benchmarks measure speed; tests check behaviour. Run them on an otherwise idle machine.
 """
@@ -115,6 +118,9 @@ def parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="index against exact search for app.predict "
                                         "(app/bench/predict.py)")
     pr.add_argument("rest", nargs=argparse.REMAINDER)
+    gp = sub.add_parser("gpu", help="one-GPU capacity and throughput, one process "
+                                    "(app/bench/gpu.py)")
+    gp.add_argument("rest", nargs=argparse.REMAINDER)
     _knn_arguments(sub.add_parser("knn", help="the KNN softmax benchmark: accuracy, step and "
                                               "graph parts, then its targets (knn_targets.json "
                                               "/ .png)"))
@@ -138,6 +144,10 @@ def main(argv=None) -> int:
         from app.bench import graph  # noqa: PLC0415
 
         return graph.main(argv[1:])
+    if argv[:1] == ["gpu"]:
+        from app.bench import gpu  # noqa: PLC0415
+
+        return gpu.main(argv[1:])
     if argv[:1] == ["predict"]:
         from app.bench import predict  # noqa: PLC0415
 
