@@ -109,7 +109,7 @@ def precision_checks(device) -> list[dict]:
         seen = set()
         for m in model.modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                m.register_forward_hook(lambda _m, _i, o: seen.add(o.dtype))
+                m.register_forward_hook(lambda _m, _i, o, seen=seen: seen.add(o.dtype))
         feat = backbone_features(model, x.to(device), "bf16")
         feat.square().sum().backward()
         grads = {p.grad.dtype for p in model.parameters()}

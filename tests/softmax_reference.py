@@ -52,7 +52,7 @@ def bf16_backbone_features(x_bD):
     comes back through the casts as float32."""
     from app.training.precision import backbone_features
 
-    eye = torch.nn.Linear(x_bD.shape[1], x_bD.shape[1], bias=False).to(x_bD.dtype)
+    eye = torch.nn.Linear(x_bD.shape[1], x_bD.shape[1], bias=False).to(x_bD.device, x_bD.dtype)
     with torch.no_grad():
         eye.weight.copy_(torch.eye(x_bD.shape[1]))
     feat_bD = backbone_features(eye, x_bD, "bf16")

@@ -171,12 +171,23 @@ def _run(args, mode: str, classes: int, device) -> dict:
             torch.cuda.empty_cache()
 
 
-def _graph_build(args, device, deadline: float) -> dict:
-    """Exact graph builds of random unit rows (the search's cost does not depend on the
-    values): a probe of up to 4096 queries against all C rows gives an estimate; builds whose
-    estimate fits --build-budget-s (and the time left) are run in full."""
+def _search(x_CD: torch.Tensor, num_queries: int, k: int, device) -> float:
+    """Seconds of the exact top-k of the first `num_queries` unit rows among all of `x_CD`."""
     from app.knn.torch_search import local_topk  # noqa: PLC0415 - imports app.knn (h5py)
 
+    score = torch.full((num_queries, k), -torch.inf, device=device)
+    ids = torch.full((num_queries, k), -1, dtype=torch.int64, device=device)
+    _sync(device)
+    started = time.perf_counter()
+    local_topk(x_CD, 0, x_CD[:num_queries], score, ids, k)
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def _graph_build(args, device, deadline: float) -> dict:
+    """Exact graph builds of random unit rows (the search's cost does not depend on the
+    values): a probe of up to 4096 queries (512 on the CPU) against all C rows gives an estimate; builds whose
+    estimate fits --build-budget-s (and the time left) are run in full."""
     out = {}
     for classes in sorted(int(c) for c in args.classes):
         if 4 * classes * (args.dim + 3 * args.k) > USABLE * _memory_total(device):
@@ -184,22 +195,12 @@ def _graph_build(args, device, deadline: float) -> dict:
             continue
         x = random_rows(classes, args.dim, 1, device)
         x.div_(x.norm(dim=1, keepdim=True))  # unit rows, in place
-        probe = min(classes, 4096)
-
-        def search(num_queries: int) -> float:
-            score = torch.full((num_queries, args.k), -torch.inf, device=device)
-            ids = torch.full((num_queries, args.k), -1, dtype=torch.int64, device=device)
-            _sync(device)
-            t0 = time.perf_counter()
-            local_topk(x, 0, x[:num_queries], score, ids, args.k)
-            _sync(device)
-            return time.perf_counter() - t0
-
-        search(min(probe, 64))  # warm-up
-        estimate = search(probe) * classes / probe
+        probe = min(classes, 4096 if device.type == "cuda" else 512)
+        _search(x, min(probe, 64), args.k, device)  # warm-up
+        estimate = _search(x, probe, args.k, device) * classes / probe
         entry = {"estimated_s": estimate, "probe_queries": probe}
         if estimate <= min(args.build_budget_s, deadline - time.perf_counter()):
-            entry["measured_s"] = search(classes)
+            entry["measured_s"] = _search(x, classes, args.k, device)
         out[str(classes)] = entry
         del x
         if device.type == "cuda":
