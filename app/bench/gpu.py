@@ -186,8 +186,9 @@ def _search(x_CD: torch.Tensor, num_queries: int, k: int, device) -> float:
 
 def _graph_build(args, device, deadline: float) -> dict:
     """Exact graph builds of random unit rows (the search's cost does not depend on the
-    values): a probe of up to 4096 queries (512 on the CPU) against all C rows gives an estimate; builds whose
-    estimate fits --build-budget-s (and the time left) are run in full."""
+    values): a probe of up to 4096 queries (512 on the CPU) against all C rows gives an
+    estimate; builds whose estimate fits --build-budget-s (and the time left) are run in
+    full."""
     out = {}
     for classes in sorted(int(c) for c in args.classes):
         if 4 * classes * (args.dim + 3 * args.k) > USABLE * _memory_total(device):
