@@ -189,6 +189,10 @@ def _graph_build(args, device, deadline: float) -> dict:
     values): a probe of up to 4096 queries (512 on the CPU) against all C rows gives an
     estimate; builds whose estimate fits --build-budget-s (and the time left) are run in
     full."""
+    try:
+        import app.knn.torch_search  # noqa: F401, PLC0415 - app.knn needs h5py
+    except ImportError as exc:
+        return {"skipped": f"app.knn is not importable here ({exc})"}
     out = {}
     for classes in sorted(int(c) for c in args.classes):
         if 4 * classes * (args.dim + 3 * args.k) > USABLE * _memory_total(device):
