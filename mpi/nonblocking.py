@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -40,16 +39,6 @@ from mpi.collectives import (
 )
 
 
-@contextmanager
-def _exposed(traffic):
-    """Time in this block counts as exposed communication."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        traffic.exposed += time.perf_counter() - start
-
-
 class Pending:
     """An exchange in flight: `test()` (True once complete, progressing it), `wait()` (the
     result). `stages` are callables started one after the other, each returning its MPI
@@ -62,26 +51,36 @@ class Pending:
         self.started = time.perf_counter()
         self.requests, self.done, self.result = [], not self.stages, None
         if self.stages:  # else complete already (one rank): nothing was sent or waited for
-            with _exposed(world.traffic):
-                self._next()
+            self._blocked(self._next)
+
+    def _blocked(self, work: Callable) -> None:
+        """Run `work` (MPI calls of this exchange) as exposed time; once the exchange is seen
+        complete, its time in flight ends here (so exposed <= in flight, exactly)."""
+        was_done = self.done
+        t0 = time.perf_counter()
+        work()
+        t1 = time.perf_counter()
+        traffic = self.world.traffic
+        traffic.exposed += t1 - t0
+        if self.done and not was_done:
+            traffic.seconds += t1 - self.started
 
     def _next(self) -> None:
         """Start the next stage, or mark the exchange complete."""
         if self.stages:
             started = self.stages.pop(0)()
             self.requests = started if isinstance(started, list) else [started]
-            return
-        self.requests, self.done = [], True
-        if self.world.size > 1:
-            self.world.traffic.seconds += time.perf_counter() - self.started
+        else:
+            self.requests, self.done = [], True
 
     def test(self) -> bool:
         if not self.done:
             from mpi4py import MPI  # noqa: PLC0415 - only reached with a real communicator
 
-            with _exposed(self.world.traffic):
+            def progress():
                 while not self.done and MPI.Request.Testall(self.requests):
                     self._next()
+            self._blocked(progress)
         return self.done
 
     def wait(self):
@@ -89,10 +88,11 @@ class Pending:
             if not self.done:
                 from mpi4py import MPI  # noqa: PLC0415
 
-                with _exposed(self.world.traffic):
+                def complete():
                     while not self.done:
                         MPI.Request.Waitall(self.requests)
                         self._next()
+                self._blocked(complete)
             self.result = self.finish()
             self.keep = []
         return self.result

@@ -16,16 +16,17 @@ def rows(rank, count, width=3):
 
 
 def both(world, blocking, started):
-    """(blocking result, its traffic), (non-blocking result, its traffic)."""
+    """(blocking result, its traffic by kind), (non-blocking result, its traffic by kind), each
+    with "sane": whether 0 <= exposed <= time in flight (True for the blocking call)."""
     world.traffic.reset()
     expect = blocking()
-    expect_traffic = dict(world.traffic.by_kind)
+    expect_traffic = {**world.traffic.by_kind, "sane": True}
     world.traffic.reset()
     pending = started()
     got = pending.wait()
     traffic = world.traffic
-    assert traffic.exposed <= traffic.seconds + 1e-12
-    return (expect, expect_traffic), (got, dict(traffic.by_kind))
+    timing = {"sane": 0 <= traffic.exposed <= traffic.seconds}
+    return (expect, expect_traffic), (got, {**traffic.by_kind, **timing})
 
 
 def test_each_collective_equals_its_blocking_twin(world):
@@ -47,8 +48,10 @@ def test_each_collective_equals_its_blocking_twin(world):
     y = rows(r, sum(send))
     cases.append((lambda: collectives.alltoallv_known(world, y, send, recv, Traffic.LOGITS),
                   lambda: nonblocking.ialltoallv(world, y, send, recv, Traffic.LOGITS)))
-    for blocking, started in cases:
-        (expect, expect_traffic), (got, traffic) = both(world, blocking, started)
+    # Every rank runs every exchange before any assertion: a failure on one rank cannot leave
+    # the others waiting in a collective.
+    outcomes = [both(world, blocking, started) for blocking, started in cases]
+    for (expect, expect_traffic), (got, traffic) in outcomes:
         assert torch.equal(got, expect)
         assert traffic == expect_traffic
 
@@ -64,10 +67,10 @@ def test_sparse_pairs_equal_the_blocking_exchange(world, count_of):
         world, lambda: sparse_allreduce(world, index, value, 50, Traffic.GRADIENTS),
         lambda: nonblocking.isparse_allreduce(world, index, value, 50, Traffic.GRADIENTS,
                                               data_comm))
-    assert torch.equal(got, expect)
-    assert traffic == expect_traffic
     if data_comm is not None:
         data_comm.Free()
+    assert torch.equal(got, expect)
+    assert traffic == expect_traffic
 
 
 def test_several_in_flight_complete_in_any_waiting_order(world):
