@@ -35,8 +35,9 @@ class MetricsWindow:
         in flight of non-blocking exchanges, Horovod's wait), `exposed_comm_s` the part the
         step waited for (blocking calls, starts and waits of non-blocking ones, Horovod's wait;
         equal to comm_time_s when everything blocks), `compute_s` the rest of `step_time_s`.
-        Horovod's allreduces run in its background thread: only the wait for them is known,
-        so they count as exposed in full."""
+        Exchanges in flight at the same time each count their own time, so with overlap
+        comm_time_s may exceed step_time_s. Horovod's allreduces run in its background thread:
+        only the wait for them is known, so they count as exposed in full."""
         n = max(self.steps, 1)
         by_kind = {k: v // n for k, v in sorted(world.traffic.by_kind.items())}
         grad_sent = world.traffic.by_kind.get(Traffic.GRADIENTS, 0)
