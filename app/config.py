@@ -312,6 +312,10 @@ class Config:
         if self.comm.momentum_correction and self.optim.name != "sgd":
             raise ValueError(f"comm.momentum_correction: needs optim.name=sgd (it replaces the "
                              f"optimizer's momentum), got optim.name={self.optim.name!r}")
+        if self.comm.overlap and self.comm.micro_batches > self.train.batch_size:
+            raise ValueError(f"comm.micro_batches: {self.comm.micro_batches} micro-batches of a "
+                             f"train.batch_size={self.train.batch_size} batch; set at most "
+                             f"{self.train.batch_size}")
 
 
 def load_config(path: str | None, overrides: list[str]) -> Config:

@@ -146,8 +146,13 @@ class CommConfig:
         to its gradient) before the selection, and the optimizer applies plain SGD to the
         exchanged sum. Off: residuals accumulate gradients and the optimizer's own momentum
         acts on the exchanged sum.
-    overlap: overlap the communication of one micro-batch with the compute of the next (not
-        available yet: only false is accepted).
+    overlap: the overlapping step pipeline (app/training/pipeline.py): the classifier's
+        exchanges are non-blocking and run per micro-batch, each overlapping the next one's
+        compute; the backbone's gradient exchange starts per tensor during backward (dense:
+        Horovod's hooks; sparse: ours) and overlaps the classifier's row update. The same
+        losses and weights as without (float rounding aside).
+    micro_batches: the classifier's micro-batches per step with overlap (each rank's batch in
+        parts whose sizes differ by at most one; at most train.batch_size; overlap only).
     """
 
     gradients: str = "dense"
@@ -156,6 +161,7 @@ class CommConfig:
     dense_below: int = 1024
     momentum_correction: bool = False
     overlap: bool = False
+    micro_batches: int = 2
 
     def __post_init__(self) -> None:
         _check_choice("comm.gradients", self.gradients, ("dense", "sparse"))
@@ -168,7 +174,6 @@ class CommConfig:
                 if getattr(self, key) != default:
                     raise ValueError(f"comm.{key}: set, but it only acts with "
                                      f"comm.gradients=sparse (gradients is 'dense')")
-        if self.overlap:
-            raise ValueError(f"comm.overlap: {self.overlap!r} is not available in this version "
-                             f"(only False: communication does not overlap compute); remove "
-                             f"the key")
+        _check_at_least("comm.micro_batches", self.micro_batches, 1)
+        if not self.overlap and self.micro_batches != 2:
+            raise ValueError("comm.micro_batches: set, but it only acts with comm.overlap=true")

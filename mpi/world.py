@@ -40,7 +40,12 @@ class Traffic:
     1 + 2 C values per layer forward, an allreduce of 2 C backward) under BATCHNORM; a KNN
     graph build's ring passes, and the whole of a
     background build (added at its swap), under KNN_GRAPH; everything else (batch sizes, the
-    loss, stop flags, a synchronous build's other collectives) under OTHER."""
+    loss, stop flags, a synchronous build's other collectives) under OTHER.
+
+    Time: `seconds` is the time communication took (a blocking call's duration; a non-blocking
+    exchange's time in flight, from its start until it was seen complete, mpi/nonblocking.py)
+    and `exposed` the part of it this thread spent blocked (blocking calls, starts and waits):
+    the `comm_time_s` and `exposed_comm_s` metrics. Blocking calls add to both alike."""
 
     GRADIENTS = "backbone_gradients"
     FEATURES = "features"
@@ -55,6 +60,7 @@ class Traffic:
 
     bytes_sent: int = 0
     seconds: float = 0.0
+    exposed: float = 0.0
     by_kind: dict[str, int] = field(default_factory=dict)
 
     @contextmanager
@@ -63,7 +69,9 @@ class Traffic:
         try:
             yield
         finally:
-            self.seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds += elapsed
+            self.exposed += elapsed
             self.count(nbytes, kind)
 
     def count(self, nbytes: int, kind: str = "other") -> None:
@@ -73,10 +81,10 @@ class Traffic:
         self.by_kind[kind] = self.by_kind.get(kind, 0) + int(nbytes)
 
     def reset(self) -> tuple[int, float]:
-        """Return (bytes_sent, seconds) so far and start counting again (`by_kind` too: read
-        it before)."""
+        """Return (bytes_sent, seconds) so far and start counting again (`by_kind` and
+        `exposed` too: read them before)."""
         out = (self.bytes_sent, self.seconds)
-        self.bytes_sent, self.seconds, self.by_kind = 0, 0.0, {}
+        self.bytes_sent, self.seconds, self.exposed, self.by_kind = 0, 0.0, 0.0, {}
         return out
 
 

@@ -42,7 +42,9 @@ dense allreduce does not: with P large enough dense wins again, and the projecti
 Projected step time: T(P) = compute + the sum of the collectives above, with compute the
 measured step time less the measured communication time (per rank it does not change with P at
 a fixed per-rank batch: N = P b samples against C / P classes). No overlap of communication
-with compute (comm.overlap is not built), no contention, no hierarchy (one rank per node).
+with compute is modelled (every collective's time adds to the step, as with comm.overlap off;
+comm.overlap is measured, not projected: `app.bench comm --part overlap`), no contention, no
+hierarchy (one rank per node).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from app.bench.results import ROOT
@@ -28,11 +29,12 @@ def run(cmd: list[str], echo: bool = True, **kwargs) -> subprocess.CompletedProc
     return subprocess.run(cmd, cwd=ROOT, env=run_env(), **kwargs)
 
 
-def synthetic_data(data, classes: int, per_class: int, val_per_class: int) -> None:
+def synthetic_data(data, classes: int, per_class: int, val_per_class: int,
+                   extra: Sequence[str] = ()) -> None:
     """The structured synthetic data set (data_prep.synthetic, D = 128, seed 0) at `data`, unless
-    one is there already."""
+    one is there already; `extra`: more of its arguments (e.g. `--kind images`)."""
     if (Path(data) / "dataset.json").exists():
         return
     run([sys.executable, "-m", "data_prep.synthetic", "--out", str(data), "--num-classes",
          str(classes), "--per-class", str(per_class), "--val-per-class", str(val_per_class),
-         "--dim", "128", "--seed", "0"], check=True)
+         "--dim", "128", "--seed", "0", *extra], check=True)

@@ -178,6 +178,11 @@ class ShardedClassifier:
         self.pairs_last_step = int(plan.mine_p.numel())
         return share, collectives.allreduce(self.world, share.detach().reshape(1))[0]
 
+    def hold(self, rows: torch.Tensor | None, weight_leaf: torch.Tensor) -> None:
+        """The step's rows (local indices, or None for all) and their leaf, whose `.grad`
+        `step()` applies: for a loss computed outside `loss()` (app/training/pipeline.py)."""
+        self._pending = (rows, weight_leaf)
+
     def row_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(global class ids, their gradient rows) produced by the last backward; for tests and
         diagnostics. Rows that did not take part are absent."""

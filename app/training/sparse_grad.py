@@ -37,7 +37,8 @@ Sampled threshold: the k-th largest magnitude (k = ratio x entries) of a random 
 entries (at least SAMPLE_MIN_SELECTED / ratio entries, and SAMPLE_SHARE of them) estimates the
 top-k threshold; the entries at or above it are sent, cut to an exact top-k when more than
 2 k pass. Exact top-k over every tensor is several times slower on the CPU. The sample is drawn
-from a generator seeded by (seed, step, rank), so a resumed run selects as the original did.
+from a generator seeded by (seed, step, rank, tensor), so a resumed run selects as the original
+did, whatever the order the tensors are compressed in.
 
 State (per rank, saved in the checkpoint): v per sparse tensor and, with momentum correction,
 u per tensor. Resumed on another number of ranks, new rank r takes the sum of the old ranks
@@ -118,23 +119,36 @@ class SparseGradients:
             return g
         return self.velocity[name].mul_(self.momentum).add_(g).add_(p.detach(), alpha=self.decay)
 
+    def _generator(self, step: int, tensor: int) -> torch.Generator:
+        """The threshold sample's generator of sparse tensor number `tensor` at `step`: one per
+        tensor, so the selection does not depend on the order the tensors are compressed in
+        (the overlapping pipeline compresses each as its gradient becomes ready)."""
+        return torch.Generator().manual_seed(int(np.random.default_rng(
+            [self.seed, step, self.world.rank, 13, tensor]).integers(2**62)))
+
+    @torch.no_grad()
+    def compress_tensor(self, tensor: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate sparse tensor number `tensor`'s gradient into its residual and take out
+        what is sent this step: (index int32 into the tensor's flat entries, value). Local."""
+        name, p = self.sparse[tensor]
+        v = self.residual[name].add_(self._local(name, p)).view(-1)
+        chosen = select(v, self.ratio(step), self._generator(step, tensor))
+        values = v[chosen]  # a copy: v is cleared next
+        v[chosen] = 0
+        if self.correction:
+            self.velocity[name].view(-1)[chosen] = 0
+        return chosen.to(torch.int32), values
+
     @torch.no_grad()
     def compress(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulate this rank's gradients into the residuals and take out what is sent this
-        step: (index_n int32 into the flat space of the sparse tensors, value_n). Local."""
-        ratio = self.ratio(step)
-        gen = torch.Generator().manual_seed(int(np.random.default_rng(
-            [self.seed, step, self.world.rank, 13]).integers(2**62)))
+        """`compress_tensor` of every sparse tensor: (index_n int32 into the flat space of the
+        sparse tensors, value_n). Local."""
         indices, values, offset = [], [], 0
-        for name, p in self.sparse:
-            v = self.residual[name].add_(self._local(name, p)).view(-1)
-            chosen = select(v, ratio, gen)
-            indices.append((chosen + offset).to(torch.int32))
-            values.append(v[chosen])  # a copy: v is cleared next
-            v[chosen] = 0
-            if self.correction:
-                self.velocity[name].view(-1)[chosen] = 0
-            offset += v.numel()
+        for tensor, (_, p) in enumerate(self.sparse):
+            index, value = self.compress_tensor(tensor, step)
+            indices.append(index + offset)
+            values.append(value)
+            offset += p.numel()
         if not indices:
             return torch.zeros(0, dtype=torch.int32), torch.zeros(0)
         return torch.cat(indices), torch.cat(values)

@@ -31,7 +31,7 @@ from app.evaluate import evaluate
 from app.knn import GraphRefresher
 from app.model import as_input, build_model
 from app.runlog import JsonLines, peak_rss_mb, progress_bar
-from app.training import data_parallel, init_from, optimizers
+from app.training import data_parallel, init_from, optimizers, pipeline
 from app.training.precision import backbone_features
 from app.training.metrics import MetricsWindow
 from app.training.plan import make_run_plan
@@ -90,6 +90,8 @@ class Trainer:
         # comm.gradients=sparse: this rank's residuals (and DGC momenta); None when dense.
         self.sparse = data_parallel.build_sparse_exchange(world, self.backbone, cfg.comm,
                                                           cfg.optim, cfg.seed)
+        # comm.overlap: the micro-batched, overlapping step (app/training/pipeline.py) or None.
+        self.pipeline = pipeline.build(cfg.comm, self.classifier, self.sparse)
         self.schedule = LRSchedule(cfg.optim.lr, cfg.schedule, cfg.train.steps)
         self.classifier_lr_ratio = (cfg.optim.classifier_lr or cfg.optim.lr) / cfg.optim.lr
         self.graphs = None
@@ -265,7 +267,7 @@ class Trainer:
         warning = mpirun_sigterm_warning()
         if warning and world.is_root:
             self.log.warning(warning)
-        window = MetricsWindow()
+        window = MetricsWindow(self.pipeline.record() if self.pipeline is not None else None)
         window.knn_build_s += self._initial_rows_and_graph()
         if self.cfg.train.checkpoint_at_start and self.resumed_from is None:
             self._save(0)
@@ -360,7 +362,10 @@ class Trainer:
         frozen = step < self.cfg.train.freeze_backbone_steps
         feat_bD = (self._frozen_features(x_b) if frozen
                    else backbone_features(self.backbone, x_b, self.cfg.train.precision))
-        loss, loss_value = self.classifier.loss(feat_bD, labels_b, step)
+        if self.pipeline is not None:  # comm.overlap: forward and backward of the classifier
+            loss_value, feat_grad_bD = self.pipeline.loss(feat_bD, labels_b, step)
+        else:
+            loss, loss_value = self.classifier.loss(feat_bD, labels_b, step)
         value = loss_value.item()
         if not math.isfinite(value):
             self.classifier.discard()
@@ -368,9 +373,13 @@ class Trainer:
                 for buffer, saved in zip(self.backbone.buffers(), buffers):
                     buffer.copy_(saved)
             return value, 0, 0.0
+        first_free = self.started_from.num_old if self.started_from is not None else 0
+        if self.pipeline is not None:
+            return value, *self.pipeline.update(feat_bD, feat_grad_bD, self.optimizer, step,
+                                                lr * self.classifier_lr_ratio,
+                                                first_free if frozen else None)
         loss.backward()
         if frozen:  # train.freeze_backbone_steps: only the new rows learn
-            first_free = self.started_from.num_old if self.started_from is not None else 0
             return value, self.classifier.step(lr * self.classifier_lr_ratio, first_free), 0.0
         hvd_wait = data_parallel.step(self.world, self.optimizer, self.sparse, step)
         rows = self.classifier.step(lr * self.classifier_lr_ratio)

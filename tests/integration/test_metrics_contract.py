@@ -15,7 +15,7 @@ from mpi.world import Traffic
 from tests.integration.test_train import train
 
 FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "step_time_s", "comm_time_s",
-          "bytes_sent", "grad_bytes_sent", "bytes_by_kind", "peak_rss_mb", "graph_wait_s")
+          "exposed_comm_s", "compute_s", "bytes_sent", "grad_bytes_sent", "bytes_by_kind", "peak_rss_mb", "graph_wait_s")
 RUN = ["train.dtype=float32", "train.log_every=2", "softmax.mode=sampled",
        "softmax.sample_rate=0.5"]
 
@@ -76,6 +76,10 @@ def test_metrics_lines_hold_the_contract_fields_with_their_values(two_runs, vect
         assert by_kind[Traffic.BATCHNORM] == comm_model.batchnorm_s(
             comm_model.Network(0.0, 1.0), 2, bn_channels)
         assert r["samples_per_s"] > 0 and r["step_time_s"] > 0 and r["comm_time_s"] >= 0
+        # Without comm.overlap every exchange blocks: all of it is exposed (tests/mpi/
+        # test_overlap.py checks the overlapped timers).
+        assert r["exposed_comm_s"] == pytest.approx(r["comm_time_s"], rel=1e-9, abs=1e-12)
+        assert 0 <= r["compute_s"] <= r["step_time_s"]
         assert 10 < r["peak_rss_mb"] < 24 * 1024
         assert r["graph_wait_s"] == 0  # no KNN graph in sampled mode (knn: test_knn_refresh.py)
         assert torch.isfinite(torch.tensor(r["loss"]))

@@ -96,7 +96,9 @@ KEY_CHANGES: dict[str, tuple[list[str], str]] = {
     "comm.sparse_warmup_steps": (SPARSE, "comm.sparse_warmup_steps=3"),
     "comm.dense_below": (SPARSE, "comm.dense_below=100000"),
     "comm.momentum_correction": (SPARSE, "comm.momentum_correction=true"),
+    # The same training (tests/mpi/test_overlap.py); metrics.jsonl records the micro-batches.
     "comm.overlap": ([], "comm.overlap=true"),
+    "comm.micro_batches": (["comm.overlap=true"], "comm.micro_batches=4"),
     "optim.name": ([], "optim.name=adamw"),
     "optim.lr": ([], "optim.lr=0.01"),
     "optim.momentum": ([], "optim.momentum=0.5"),
@@ -177,8 +179,8 @@ def digest(a: np.ndarray) -> str:
 def files_fingerprint(run_dir: Path) -> dict:
     """Metrics without timings, evaluations, checkpoint names, graph files (config.yaml, which
     records every key whatever it does, is left out)."""
-    timing = ("samples_per_s", "step_time_s", "comm_time_s", "peak_rss_mb", "knn_build_s",
-              "graph_wait_s")
+    timing = ("samples_per_s", "step_time_s", "comm_time_s", "exposed_comm_s", "compute_s",
+              "peak_rss_mb", "knn_build_s", "graph_wait_s")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     metrics = [{k: v for k, v in line.items() if k not in timing} for line in lines]
     evals = (run_dir / "eval.jsonl").read_text()

@@ -132,7 +132,11 @@ def test_state_round_trip_and_regrouping_sums_the_old_ranks():
      "comm.momentum_correction: needs optim.name=sgd"),
     (["comm.gradients=sparse", "comm.sparse_ratio=0"], "comm.sparse_ratio: 0.0 out of range"),
     (["comm.gradients=sparse", "comm.dense_below=-1"], "comm.dense_below: -1 out of range"),
-    (["comm.overlap=true"], "comm.overlap: True is not available"),
+    (["comm.micro_batches=3"], "comm.micro_batches: set, but it only acts with "
+                               "comm.overlap=true"),
+    (["comm.overlap=true", "comm.micro_batches=0"], "comm.micro_batches: 0 out of range"),
+    (["comm.overlap=true", "comm.micro_batches=65", "train.batch_size=64"],
+     "comm.micro_batches: 65 micro-batches of a train.batch_size=64 batch; set at most 64"),
 ])
 def test_config_checks(sets, message):
     with pytest.raises(ValueError, match="^" + message):
