@@ -24,7 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-INDEX_KINDS = ("ivf", "ivf-fp16", "hnsw")
+INDEX_KINDS = ("ivf", "ivf-fp16", "ivf-pq4", "hnsw")
+# ivf-pq4: rows as 4-bit PQ codes of D/4 sub-quantisers (pq4_index), the
+# best REFINE_K_FACTOR x k candidates re-scored on float16 copies of the rows; above
+# HNSW_QUANTIZER_NLIST lists the coarse quantizer is an HNSW graph over the centroids.
+REFINE_K_FACTOR, HNSW_QUANTIZER_NLIST, HNSW_QUANTIZER_M = 4, 8192, 32
 # faiss HNSW: links per node and candidate list while building; the search knob (`nprobe` of
 # the manifest and the CLIs) is efSearch for HNSW.
 HNSW_M, HNSW_EF_CONSTRUCTION = 32, 40
@@ -58,6 +62,8 @@ def new_index(kind: str, dim: int, nlist: int):
         index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         return index
+    if kind == "ivf-pq4":
+        return pq4_index(dim, nlist)
     quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -70,12 +76,30 @@ def new_index(kind: str, dim: int, nlist: int):
     return index
 
 
+def pq4_index(dim: int, nlist: int):
+    """IVF (flat or HNSW coarse quantizer) + PQ fast-scan, D/4 sub-quantisers of 4 bits over
+    the residuals (D/8 bytes a row), inside a refine index holding float16 rows."""
+    import faiss  # noqa: PLC0415
+
+    if dim % 4:
+        raise ValueError(f"--index ivf-pq4 needs a dimension divisible by 4, not {dim}")
+    coarse = f"HNSW{HNSW_QUANTIZER_M}" if nlist > HNSW_QUANTIZER_NLIST else ""
+    index = faiss.index_factory(dim, f"IVF{nlist}_{coarse},PQ{dim // 4}x4fs,Refine(SQfp16)"
+                                if coarse else f"IVF{nlist},PQ{dim // 4}x4fs,Refine(SQfp16)",
+                                faiss.METRIC_INNER_PRODUCT)
+    index.k_factor = REFINE_K_FACTOR
+    return index
+
+
 def train_index(index, sample_sD: np.ndarray, seed: int,
                 per_list: int = IVF_TRAIN_PER_LIST) -> None:
     """k-means of the coarse quantizer on `sample_sD` (search rows; at least nlist of them)."""
-    index.cp.niter, index.cp.seed = IVF_NITER, seed
-    index.cp.min_points_per_centroid = 1
-    index.cp.max_points_per_centroid = per_list
+    import faiss  # noqa: PLC0415
+
+    cp = faiss.extract_index_ivf(index).cp
+    cp.niter, cp.seed = IVF_NITER, seed
+    cp.min_points_per_centroid = 1
+    cp.max_points_per_centroid = per_list
     index.train(np.ascontiguousarray(sample_sD, dtype=np.float32))
 
 
@@ -92,11 +116,18 @@ def build_index(kind: str, rows_cD: np.ndarray, logit: str, nlist: int, seed: in
     num_rows, dim = rows_cD.shape
     index = new_index(kind, dim, min(nlist, max(num_rows, 1)))
     if kind != "hnsw":
-        sample = training_sample(num_rows, index.nlist, seed)
+        sample = training_sample(num_rows, num_lists(index), seed)
         train_index(index, search_rows(rows_cD[sample], logit), seed)
     for lo in range(0, num_rows, ADD_CHUNK_ROWS):
         index.add(search_rows(rows_cD[lo:lo + ADD_CHUNK_ROWS], logit))
     return index
+
+
+def num_lists(index) -> int:
+    """The IVF lists of an index (0: HNSW, no lists)."""
+    import faiss  # noqa: PLC0415
+
+    return 0 if hasattr(index, "hnsw") else int(faiss.extract_index_ivf(index).nlist)
 
 
 def search_steps(kind: str, nlist: int) -> list[int]:
@@ -114,11 +145,14 @@ def index_bytes(index) -> int:
     if hasattr(index, "hnsw"):
         return int(index.ntotal * index.d * 4 + index.hnsw.neighbors.size() * 4
                    + index.hnsw.levels.size() * 4 + index.hnsw.offsets.size() * 8)
+    refine = index.ntotal * index.d * 2 if hasattr(index, "refine_index") else 0
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
-    per_row = lists.code_size + 8  # the code and its int64 id
+    per_row = ivf.code_size + 8  # the code and its int64 id (fast-scan: packed in blocks)
     rows = sum(lists.list_size(i) for i in range(ivf.nlist))
-    return int(rows * per_row + ivf.nlist * ivf.d * 4)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    links = quantizer.hnsw.neighbors.size() * 4 if hasattr(quantizer, "hnsw") else 0
+    return int(rows * per_row + ivf.nlist * ivf.d * 4 + links + refine)
 
 
 def recall(exact_ids_Nk: torch.Tensor, found_ids_Nk: torch.Tensor) -> dict:
