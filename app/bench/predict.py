@@ -12,11 +12,13 @@ its row at the default): a feature of that class as a trained backbone would pro
 
 Measured, product code only: exact search is `ExactSearcher` (every row, chunked matmul; its
 time summed over the chunks, the queries in one batch), index search `IndexSearcher` over an
-index from `app.inference.index` (`ivf`: float32 rows, `ivf-fp16`: float16 rows, at each
---nprobe; `hnsw`: a graph over float32 rows, at each --ef-search, up to --max-hnsw-classes:
+index from `app.inference.index` (`ivf`: float32 rows, `ivf-fp16`: float16 rows, `ivf-pq4`:
+4-bit fast-scan codes re-scored on float16 rows, at each --nprobe; `hnsw`: a graph over float32 rows, at each --ef-search, up to --max-hnsw-classes:
 its build is slow). recall@1 / recall@5 against exact as in app/inference/index.py;
 `top1_accuracy` is the share of queries whose top-1 is the query's own class (exact and
-index), and `accuracy_ratio` index / exact. Memory: the index's lists (codes and ids) and
+index), and `accuracy_ratio` index / exact. `speedup` is the ratio of wall-clock queries/s,
+`speedup_cpu` that of queries per CPU-second of this process: on a shared host the second does
+not depend on the share of the cores other jobs took while exact or index search was timed. Memory: the index's lists (codes and ids) and
 centroids, or HNSW's rows and links.
 
 Legend: c = rows of a chunk, D = embedding dim, q = queries.
