@@ -26,7 +26,7 @@ TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclasses.dataclass(frozen=True)
 class IndexOptions:
-    """kind: ivf | ivf-fp16 | hnsw | none; nlist: IVF lists per row file (0: about 4
+    """kind: ivf | ivf-fp16 | ivf-pq4 | hnsw | none; nlist: IVF lists per row file (0: about 4
     sqrt(rows)); nprobe: lists scanned, or HNSW efSearch (0: the smallest of the search steps
     reaching `target_recall` at 1)."""
 
@@ -126,7 +126,7 @@ def write_rows_and_index(out: Path, source: Source, rows_per_file: int, options:
             rel = md.index_file(lo, hi)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             faiss.write_index(index, str(out / rel))
-            nlist = int(getattr(index, "nlist", 0))  # 0: HNSW
+            nlist = ivf.num_lists(index)  # 0: HNSW
             indexes.append({"start": lo, "stop": hi, "file": rel, "nlist": nlist,
                             "bytes_in_memory": ivf.index_bytes(index)})
             log.info("index of classes [%d, %d): %s nlist=%d in %.1f s", lo, hi, options.kind,

@@ -123,6 +123,26 @@ def test_index_predict_is_valid_deterministic_and_keeps_its_recall(vectors_datas
     assert recall_1 >= manifest["index"]["recall"]["at_1_lower_bound"]
 
 
+def test_pq4_index_export_and_predict_end_to_end(vectors_dataset, vector_model, tmp_path):
+    """--index ivf-pq4 (4-bit codes, re-scored rows): export writes it with its recall,
+    predict --search index uses it: valid ids, deterministic, recall >= the stated bound."""
+    run_dir, _ = vector_model
+    model = export(run_dir, tmp_path / "model", "--index", "ivf-pq4")
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["index"]["kind"] == "ivf-pq4"
+    outs = {}
+    for name, search in [("exact", "exact"), ("a", "index"), ("b", "index")]:
+        outs[name] = tmp_path / f"{name}.jsonl"
+        proc = tool("predict", "--model", model, "--input", vectors_dataset, "--search",
+                    search, "--out", outs[name])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    exact, a, b = (by_input(read_predictions(outs[n])) for n in ("exact", "a", "b"))
+    assert a == b and len(a) == 240
+    assert all(0 <= c < 60 for ranked in a.values() for c, _ in ranked)
+    recall_1 = np.mean([a[k][0][0] == exact[k][0][0] for k in exact])
+    assert recall_1 >= manifest["index"]["recall"]["at_1_lower_bound"]
+
+
 def test_export_refuses_an_existing_out_and_a_damaged_checkpoint(vector_model, tmp_path):
     run_dir, model = vector_model
     proc = tool("export", "--run", run_dir, "--out", model)

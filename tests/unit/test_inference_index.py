@@ -113,3 +113,31 @@ def test_hnsw_export_searches_a_graph_and_keeps_its_recall(tmp_path):
     _, found = IndexSearcher([(index, 0)], "cosine", section["nprobe"]).search(q, 5)
     assert ((found >= 0) & (found < 2000)).all()
     assert recall(exact, found)["at_1"] >= section["recall"]["at_1_lower_bound"]
+
+
+def test_pq4_export_scans_codes_reranks_rows_and_keeps_its_recall(tmp_path):
+    """ivf-pq4: 4-bit fast-scan codes, re-scored on float16 rows (scores within 1e-3 of exact
+    for the ids it returns), valid ids, deterministic, recall >= the manifest's lower bound."""
+    rows_cD = clustered_weights(C, D, 0, C, family=8, spread=0.6)
+    entry = checkpoint.write_rows(tmp_path / "ckpt", 0, C, {"weight": rows_cD})
+    manifest = {"num_classes": C, "embedding_dim": D, "dtype": "float32", "classifier": [entry]}
+    source = export.Source(tmp_path / "ckpt", manifest, {}, {}, "cosine", "vectors", (D,), [],
+                           "")
+    options = export.IndexOptions("ivf-pq4", 0, 0, 0.95, 0)
+    rows, indexes = export.write_rows_and_index(tmp_path, source, 4000, options,
+                                                logging.getLogger("test"))
+    section = export.choose_nprobe(tmp_path, rows, indexes, "cosine", torch.float32,
+                                   queries(rows_cD, 1000, 1), options)
+    index = faiss.read_index(str(tmp_path / section["files"][0]["file"]))
+    assert hasattr(index, "refine_index") and "FastScan" in type(
+        faiss.downcast_index(index.base_index)).__name__
+    assert section["recall"]["at_1"] >= 0.95 and indexes[0]["nlist"] > section["nprobe"]
+    q = queries(rows_cD, 1000, 2)
+    found = searcher(tmp_path, section).search(q, 5)
+    assert all(torch.equal(a, b) for a, b in zip(found, searcher(tmp_path, section).search(q, 5)))
+    assert ((found[1] >= 0) & (found[1] < C)).all()
+    unit = rows_cD / np.linalg.norm(rows_cD, axis=1, keepdims=True)
+    want = np.einsum("nd,nkd->nk", q.numpy(), unit[found[1].numpy()])
+    assert np.abs(found[0].numpy() - want).max() < 1e-3
+    exact = export.exact_topk(tmp_path, rows, "cosine", torch.float32, q, 5)
+    assert recall(exact, found[1])["at_1"] >= section["recall"]["at_1_lower_bound"]
