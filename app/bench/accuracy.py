@@ -8,8 +8,6 @@ samples/s and total KNN graph build time.
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -23,21 +21,13 @@ def _train(args, data: Path, spec: str) -> dict | None:
     result, or None where it failed."""
     sets = [s for s in spec.split(",") if s]
     out = Path(args.runs) / spec.replace(",", "_").replace("=", "-").replace("softmax.", "")
-    cmd = launch.mpirun(args.np, "-m", "app.train", "--config", args.config,
-                        "--set", f"data.path={data}", "--set", f"out_dir={out}",
-                        "--set", f"train.steps={args.steps}", "--set", "train.checkpoint_every=0",
-                        "--set", f"train.eval_max_samples={args.eval_samples}",
-                        *[x for s in sets for x in ("--set", s)])
-    if out.exists():
-        shutil.rmtree(out)
     started = time.perf_counter()
-    proc = launch.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
+    metrics = launch.train_job(args.np, args.config, out, [
+        f"data.path={data}", f"train.steps={args.steps}", "train.checkpoint_every=0",
+        f"train.eval_max_samples={args.eval_samples}", *sets])
+    if metrics is None:
         return None
     summary = json.loads((out / "summary.json").read_text())
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    metrics = [m for m in metrics if "loss" in m]  # not the skip or lr-decision records
     return {"config": sets, "top1": summary["top1"], "top5": summary["top5"],
             "wall_s": time.perf_counter() - started,
             "median_samples_per_s": sorted(m["samples_per_s"] for m in metrics)[len(metrics) // 2],

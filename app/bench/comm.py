@@ -29,7 +29,6 @@ gradients with the ResNet on synthetic images.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -85,21 +84,15 @@ def variant_sets(args, variant: str) -> list[str]:
 
 def _train(args, data: Path, ranks: int, variant: str) -> dict | None:
     out = Path(args.runs) / f"{variant}-np{ranks}"
-    sets = [f"data.path={data}", f"out_dir={out}", f"train.steps={args.steps}",
+    sets = [f"data.path={data}", f"train.steps={args.steps}",
             f"train.batch_size={args.batch}", f"train.log_every={args.log_every}",
             "train.checkpoint_every=0", f"train.eval_max_samples={args.eval_samples}",
             *variant_sets(args, variant)]
-    cmd = launch.mpirun(ranks, "-m", "app.train", "--config", args.config,
-                        *[x for s in sets for x in ("--set", s)])
-    if out.exists():
-        shutil.rmtree(out)
-    proc = launch.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
+    lines = launch.train_job(ranks, args.config, out, sets)
+    if lines is None:
         return None
     summary = json.loads((out / "summary.json").read_text())
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    lines = [m for m in lines if "loss" in m and m["step"] > args.skip_steps]
+    lines = [m for m in lines if m["step"] > args.skip_steps]
     by_kind = {k: float(np.mean([m["bytes_by_kind"].get(k, 0) for m in lines])) for k in KINDS}
     return {"ranks": ranks, "variant": variant, "sets": variant_sets(args, variant),
             "intervals": len(lines), "bytes_by_kind": by_kind,

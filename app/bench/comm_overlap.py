@@ -16,8 +16,6 @@ change of the shared host's load falls on both alike.
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,18 +40,10 @@ def arguments(c) -> None:
 def _train(args, name: str, ranks: int, config: str, sets: list[str]) -> dict | None:
     """One app.train job: its metrics intervals after --skip-steps and its summary."""
     out = Path(args.runs) / name
-    sets = [f"out_dir={out}", "train.checkpoint_every=0", f"train.log_every={args.log_every}",
-            *sets]
-    cmd = launch.mpirun(ranks, "-m", "app.train", "--config", config,
-                        *[x for s in sets for x in ("--set", s)])
-    if out.exists():
-        shutil.rmtree(out)
-    proc = launch.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
+    lines = launch.train_job(ranks, config, out, ["train.checkpoint_every=0",
+                                                  f"train.log_every={args.log_every}", *sets])
+    if lines is None:
         return None
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    lines = [m for m in lines if "loss" in m]
     kept = [m for m in lines if m["step"] > args.skip_steps]
     summary = json.loads((out / "summary.json").read_text())
     return {**{t: float(np.median([m[t] for m in kept])) for t in TIMERS},

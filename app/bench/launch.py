@@ -2,7 +2,9 @@
 as root allowed) or in a subprocess, with the repository on PYTHONPATH and its root as cwd."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -38,3 +40,19 @@ def synthetic_data(data, classes: int, per_class: int, val_per_class: int,
     run([sys.executable, "-m", "data_prep.synthetic", "--out", str(data), "--num-classes",
          str(classes), "--per-class", str(per_class), "--val-per-class", str(val_per_class),
          "--dim", "128", "--seed", "0", *extra], check=True)
+
+
+def train_job(ranks: int, config: str, out: Path, sets: Sequence[str]) -> list[dict] | None:
+    """`app.train --config CONFIG --set out_dir=OUT --set S ...` on `ranks` ranks in a fresh
+    `out`: the step records of its metrics.jsonl (those with a loss; not the skip or lr-decision
+    records), or None, with the tail of its stderr printed, where it failed."""
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = mpirun(ranks, "-m", "app.train", "--config", config,
+                 *[x for s in [f"out_dir={out}", *sets] for x in ("--set", s)])
+    proc = run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return None
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in records if "loss" in m]

@@ -11,9 +11,6 @@ of the build time.
 """
 from __future__ import annotations
 
-import json
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +23,16 @@ from app.bench.results import bench_command, host_load, write_result
 def _train(args, data: Path, mode: str, lag: int) -> dict | None:
     """One run in `mode` with `lag`; its entry of the result, or None where it failed."""
     out = Path(args.runs) / mode
-    sets = [f"data.path={data}", f"out_dir={out}", f"train.steps={args.steps}",
+    sets = [f"data.path={data}", f"train.steps={args.steps}",
             "train.log_every=1", "train.checkpoint_every=0", "train.eval_max_samples=1000",
             f"train.batch_size={args.batch}", "softmax.mode=knn", f"softmax.k={args.k}",
             f"softmax.random_negatives={args.k}", "model.classifier_init=random",
             "knn.init=random", f"knn.refresh_every={args.refresh_every}",
             f"knn.index={args.index}", f"knn.refresh_mode={mode}", f"knn.refresh_lag={lag}"]
-    cmd = launch.mpirun(args.np, "-m", "app.train", "--config", args.config,
-                        *[x for s in sets for x in ("--set", s)])
-    if out.exists():
-        shutil.rmtree(out)
-    proc = launch.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
+    lines = launch.train_job(args.np, args.config, out, sets)
+    if lines is None:
         return None
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    lines = [m for m in lines if "loss" in m][1:]  # the first step warms up
+    lines = lines[1:]  # the first step warms up
     step_s = np.array([m["step_time_s"] + m["graph_wait_s"] for m in lines])
     median = float(np.median(step_s))
     build = sum(m["knn_build_s"] for m in lines)

@@ -25,19 +25,28 @@ def queries(rows_cD, num, seed, noise=0.6):
     return torch.from_numpy((q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32))
 
 
+def export_index(root, rows_cD, kind, range_rows, target, num_queries):
+    """`rows_cD` written as a checkpoint, then its rows and `kind` index as app.export writes
+    them (ranges of `range_rows`), nprobe chosen for `target` recall on `num_queries` queries:
+    (rows, indexes, index section)."""
+    c = len(rows_cD)
+    entry = checkpoint.write_rows(root / "ckpt", 0, c, {"weight": rows_cD})
+    manifest = {"num_classes": c, "embedding_dim": D, "dtype": "float32", "classifier": [entry]}
+    source = export.Source(root / "ckpt", manifest, {}, {}, "cosine", "vectors", (D,), [], "")
+    options = export.IndexOptions(kind, 0, 0, target, 0)
+    rows, indexes = export.write_rows_and_index(root, source, range_rows, options,
+                                                logging.getLogger("test"))
+    section = export.choose_nprobe(root, rows, indexes, "cosine", torch.float32,
+                                   queries(rows_cD, num_queries, 1), options)
+    return rows, indexes, section
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Rows and index files as app.export writes them (3 ranges), with the index section."""
     root = tmp_path_factory.mktemp("index")
     rows_cD = clustered_weights(C, D, 0, C, family=8, spread=0.6) * 3.0  # any norm: cosine
-    entry = checkpoint.write_rows(root / "ckpt", 0, C, {"weight": rows_cD})
-    manifest = {"num_classes": C, "embedding_dim": D, "dtype": "float32", "classifier": [entry]}
-    source = export.Source(root / "ckpt", manifest, {}, {}, "cosine", "vectors", (D,), [], "")
-    options = export.IndexOptions("ivf", 0, 0, 0.9, 0)
-    rows, indexes = export.write_rows_and_index(root, source, 2500, options,
-                                                logging.getLogger("test"))
-    section = export.choose_nprobe(root, rows, indexes, "cosine", torch.float32,
-                                   queries(rows_cD, 1000, 1), options)
+    rows, _, section = export_index(root, rows_cD, "ivf", 2500, 0.9, 1000)
     return root, rows_cD, rows, section
 
 
@@ -95,16 +104,7 @@ def test_fewer_lists_scanned_lower_the_recall(exported):
 
 def test_hnsw_export_searches_a_graph_and_keeps_its_recall(tmp_path):
     rows_cD = clustered_weights(2000, D, 0, 2000, family=8, spread=0.6)
-    entry = checkpoint.write_rows(tmp_path / "ckpt", 0, 2000, {"weight": rows_cD})
-    manifest = {"num_classes": 2000, "embedding_dim": D, "dtype": "float32",
-                "classifier": [entry]}
-    source = export.Source(tmp_path / "ckpt", manifest, {}, {}, "cosine", "vectors", (D,), [],
-                           "")
-    options = export.IndexOptions("hnsw", 0, 0, 0.95, 0)
-    rows, indexes = export.write_rows_and_index(tmp_path, source, 2000, options,
-                                                logging.getLogger("test"))
-    section = export.choose_nprobe(tmp_path, rows, indexes, "cosine", torch.float32,
-                                   queries(rows_cD, 500, 1), options)
+    rows, indexes, section = export_index(tmp_path, rows_cD, "hnsw", 2000, 0.95, 500)
     assert section["nprobe"] in (16, 32, 64) and indexes[0]["nlist"] == 0
     index = faiss.read_index(str(tmp_path / section["files"][0]["file"]))
     assert hasattr(index, "hnsw")
@@ -119,15 +119,7 @@ def test_pq4_export_scans_codes_reranks_rows_and_keeps_its_recall(tmp_path):
     """ivf-pq4: 4-bit fast-scan codes, re-scored on float16 rows (scores within 1e-3 of exact
     for the ids it returns), valid ids, deterministic, recall >= the manifest's lower bound."""
     rows_cD = clustered_weights(C, D, 0, C, family=8, spread=0.6)
-    entry = checkpoint.write_rows(tmp_path / "ckpt", 0, C, {"weight": rows_cD})
-    manifest = {"num_classes": C, "embedding_dim": D, "dtype": "float32", "classifier": [entry]}
-    source = export.Source(tmp_path / "ckpt", manifest, {}, {}, "cosine", "vectors", (D,), [],
-                           "")
-    options = export.IndexOptions("ivf-pq4", 0, 0, 0.95, 0)
-    rows, indexes = export.write_rows_and_index(tmp_path, source, 4000, options,
-                                                logging.getLogger("test"))
-    section = export.choose_nprobe(tmp_path, rows, indexes, "cosine", torch.float32,
-                                   queries(rows_cD, 1000, 1), options)
+    rows, indexes, section = export_index(tmp_path, rows_cD, "ivf-pq4", 4000, 0.95, 1000)
     index = faiss.read_index(str(tmp_path / section["files"][0]["file"]))
     assert hasattr(index, "refine_index") and "FastScan" in type(
         faiss.downcast_index(index.base_index)).__name__
