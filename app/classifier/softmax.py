@@ -54,6 +54,36 @@ def apply_margin_(logits_Nc: torch.Tensor, target_N: torch.Tensor, logit: str, s
     return logits_Nc.index_put_((rows, cols), new_pos)
 
 
+def local_row_max(logits_Nc: torch.Tensor) -> torch.Tensor:
+    """Each row's max over this rank's columns (-inf where the rank has none): what the ranks
+    allreduce (max) first."""
+    if logits_Nc.shape[1] > 0:
+        return logits_Nc.max(dim=1).values
+    return torch.full((logits_Nc.shape[0],), -math.inf, dtype=logits_Nc.dtype)
+
+
+def local_exp_sums(logits_Nc: torch.Tensor, max_N: torch.Tensor,
+                   target_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(logits - global max) on this rank's columns, [row sum of those, positive's logit
+    where owned else 0] as N x 2): the second is what the ranks allreduce (sum) next, one
+    message for both."""
+    exp_Nc = (logits_Nc - max_N.unsqueeze(1)).exp_()
+    owned = target_N >= 0
+    pos_N = torch.zeros(logits_Nc.shape[0], dtype=logits_Nc.dtype)
+    pos_N[owned] = logits_Nc[owned, target_N[owned]]
+    return exp_Nc, torch.stack([exp_Nc.sum(dim=1), pos_N], dim=1)
+
+
+def logit_grad_(softmax_Nc: torch.Tensor, grad_N: torch.Tensor,
+                target_N: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits on this rank's columns, (softmax - one-hot) x grad_N, IN PLACE in
+    `softmax_Nc` (an N x c buffer less matters at millions of classes)."""
+    grad_Nc = softmax_Nc.mul_(grad_N.unsqueeze(1))
+    owned = torch.nonzero(target_N >= 0).squeeze(1)
+    grad_Nc[owned, target_N[owned]] -= grad_N[owned]
+    return grad_Nc
+
+
 class _ShardedCrossEntropy(torch.autograd.Function):
     """forward: per-sample cross-entropy over the columns of ALL ranks (logits_Nc are this
     rank's columns; target_N is the local positive column or -1); the result is identical on all
@@ -62,19 +92,9 @@ class _ShardedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_Nc, target_N, world):
-        num_rows = logits_Nc.shape[0]
-        if logits_Nc.shape[1] > 0:
-            local_max_N = logits_Nc.max(dim=1).values
-        else:
-            local_max_N = torch.full((num_rows,), -math.inf, dtype=logits_Nc.dtype)
-        max_N = collectives.allreduce(world, local_max_N, "max", Traffic.LOGITS)
-        exp_Nc = (logits_Nc - max_N.unsqueeze(1)).exp_()
-        owned = target_N >= 0
-        pos_N = torch.zeros(num_rows, dtype=logits_Nc.dtype)
-        pos_N[owned] = logits_Nc[owned, target_N[owned]]
-        # One allreduce carries both the row sum of exponentials and the positive's logit.
-        sums_N2 = collectives.allreduce(world, torch.stack([exp_Nc.sum(dim=1), pos_N], dim=1),
-                                        kind=Traffic.LOGITS)
+        max_N = collectives.allreduce(world, local_row_max(logits_Nc), "max", Traffic.LOGITS)
+        exp_Nc, stats_N2 = local_exp_sums(logits_Nc, max_N, target_N)
+        sums_N2 = collectives.allreduce(world, stats_N2, kind=Traffic.LOGITS)
         sum_exp_N, pos_N = sums_N2[:, 0], sums_N2[:, 1]
         loss_N = torch.log(sum_exp_N) + max_N - pos_N
         exp_Nc.div_(sum_exp_N.unsqueeze(1))  # now the softmax; kept for backward
@@ -85,12 +105,8 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_N):
         softmax_Nc, target_N = ctx.saved_tensors
-        # The saved softmax becomes the gradient in place: backward runs once per step, and an
-        # N x c buffer less matters at millions of classes.
-        grad_Nc = softmax_Nc.mul_(grad_N.unsqueeze(1))
-        owned = torch.nonzero(target_N >= 0).squeeze(1)
-        grad_Nc[owned, target_N[owned]] -= grad_N[owned]
-        return grad_Nc, None, None
+        # The saved softmax becomes the gradient in place: backward runs once per step.
+        return logit_grad_(softmax_Nc, grad_N, target_N), None, None
 
 
 def sharded_cross_entropy(world, logits_Nc: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,13 @@ from app.classifier.knn_softmax import (
     pair_similarities,
     plan_pairs,
 )
-from app.classifier.softmax import apply_margin_, class_logits
+from app.classifier.softmax import (
+    apply_margin_,
+    class_logits,
+    local_exp_sums,
+    local_row_max,
+    logit_grad_,
+)
 from app.training import data_parallel
 from app.training.sparse_overlap import OverlappedSparseExchange
 from mpi import collectives, nonblocking
@@ -158,28 +164,18 @@ class StepPipeline:
         logits_Mc = class_logits(feat_MD, leaf, cfg.logit, cfg.scale)
         apply_margin_(logits_Mc, target_M, cfg.logit, cfg.scale, cfg.margin, cfg.margin_type)
         with torch.no_grad():
-            rows_M = logits_Mc.shape[0]
-            if logits_Mc.shape[1] > 0:
-                local_max = logits_Mc.max(dim=1).values
-            else:
-                local_max = torch.full((rows_M,), -torch.inf, dtype=logits_Mc.dtype)
+            local_max = local_row_max(logits_Mc)
         max_M = yield nonblocking.iallreduce(world, local_max, "max", Traffic.LOGITS)
         with torch.no_grad():
-            exp_Mc = (logits_Mc.detach() - max_M.unsqueeze(1)).exp_()
-            owned = target_M >= 0
-            pos_M = torch.zeros(rows_M, dtype=logits_Mc.dtype)
-            pos_M[owned] = logits_Mc.detach()[owned, target_M[owned]]
-            stats = torch.stack([exp_Mc.sum(dim=1), pos_M], dim=1)
+            exp_Mc, stats = local_exp_sums(logits_Mc.detach(), max_M, target_M)
         sums_M2 = yield nonblocking.iallreduce(world, stats, kind=Traffic.LOGITS)
         with torch.no_grad():
             sum_exp_M = sums_M2[:, 0]
             loss_M = torch.log(sum_exp_M) + max_M - sums_M2[:, 1]
             # d (sum of the global batch's losses / N) / d logits: softmax - one-hot, / N
-            # (app/classifier/softmax.py's backward with the mean's gradient 1/N).
-            grad_N = torch.full((rows_M,), 1.0 / n_global, dtype=logits_Mc.dtype)
-            grad_Mc = exp_Mc.div_(sum_exp_M.unsqueeze(1)).mul_(grad_N.unsqueeze(1))
-            own = torch.nonzero(owned).squeeze(1)
-            grad_Mc[own, target_M[own]] -= grad_N[own]
+            # (the one-batch backward with the mean's gradient 1/N).
+            grad_N = torch.full((logits_Mc.shape[0],), 1.0 / n_global, dtype=logits_Mc.dtype)
+            grad_Mc = logit_grad_(exp_Mc.div_(sum_exp_M.unsqueeze(1)), grad_N, target_M)
         logits_Mc.backward(grad_Mc)
         grad_mD = yield nonblocking.ireduce_scatter(world, feat_MD.grad, [m] * world.size,
                                                     Traffic.FEATURE_GRADIENTS)
